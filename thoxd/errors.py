@@ -1,0 +1,133 @@
+"""Every error thoxd reports, and the one OpenAI envelope they all turn into.
+
+    ThoxdError                      500 server_error
+    ├── InvalidRequest              400 invalid_request_error   (names `param`)
+    │   ├── ContextLengthExceeded   400 context_length_exceeded (n_prompt_tokens, n_ctx)
+    │   └── UnsupportedCapability   400 unsupported_capability  (chat on an embedding model, ...)
+    ├── NotFound                    404 not_found
+    │   └── ModelNotFound           404 model_not_found
+    ├── PayloadTooLarge             413 payload_too_large
+    ├── Unavailable                 503 (with Retry-After)
+    │   ├── QueueFull               503 queue_full
+    │   ├── ModelNotReady           503 model_loading
+    │   └── ShuttingDown            503 shutting_down
+    └── EngineFailure               500 engine_error
+
+Messages are written for the person reading them: they never carry absolute paths, tracebacks,
+exception text from libraries, or key material. HTTP handlers and the WebSocket endpoint both call
+`envelope()`, so an error has the same shape wherever it surfaces.
+"""
+
+from __future__ import annotations
+
+from typing import Any, ClassVar
+
+
+class ThoxdError(Exception):
+    status: ClassVar[int] = 500
+    type: ClassVar[str] = "server_error"
+    code: ClassVar[str | None] = "internal_error"
+
+    def __init__(self, message: str, *, param: str | None = None, **extra: Any) -> None:
+        super().__init__(message)
+        self.message = message
+        self.param = param
+        self.extra = extra
+
+    @property
+    def headers(self) -> dict[str, str]:
+        return {}
+
+    def envelope(self) -> dict[str, Any]:
+        return {
+            "error": {
+                "message": self.message,
+                "type": self.type,
+                "param": self.param,
+                "code": self.code,
+                **self.extra,
+            }
+        }
+
+
+class InvalidRequest(ThoxdError):
+    status = 400
+    type = "invalid_request_error"
+    code = "invalid_value"
+
+
+class ContextLengthExceeded(InvalidRequest):
+    code = "context_length_exceeded"
+
+    def __init__(self, n_prompt_tokens: int, n_ctx: int, *, param: str = "messages") -> None:
+        super().__init__(
+            f"This model's maximum context length is {n_ctx} tokens, but the prompt has "
+            f"{n_prompt_tokens} tokens (and at least one more is needed to generate). "
+            "Shorten the prompt.",
+            param=param,
+            n_prompt_tokens=n_prompt_tokens,
+            n_ctx=n_ctx,
+        )
+
+
+class UnsupportedCapability(InvalidRequest):
+    code = "unsupported_capability"
+
+
+class NotFound(ThoxdError):
+    status = 404
+    type = "invalid_request_error"
+    code = "not_found"
+
+
+class ModelNotFound(NotFound):
+    code = "model_not_found"
+
+    def __init__(self, model: str) -> None:
+        shown = model if len(model) <= 64 else model[:64] + "..."
+        super().__init__(
+            f"The model '{shown}' does not exist. GET /v1/models lists the models on this device.",
+            param="model",
+        )
+
+
+class PayloadTooLarge(ThoxdError):
+    status = 413
+    type = "invalid_request_error"
+    code = "payload_too_large"
+
+    def __init__(self, limit: int) -> None:
+        super().__init__(f"The request body is larger than the limit of {limit} bytes.")
+
+
+class Unavailable(ThoxdError):
+    status = 503
+    code = "unavailable"
+    retry_after: ClassVar[int] = 1
+
+    @property
+    def headers(self) -> dict[str, str]:
+        return {"Retry-After": str(self.retry_after)}
+
+
+class QueueFull(Unavailable):
+    code = "queue_full"
+
+    def __init__(self, waiting: int) -> None:
+        super().__init__(
+            f"The server is busy: {waiting} requests are already waiting. Retry shortly."
+        )
+
+
+class ModelNotReady(Unavailable):
+    code = "model_loading"
+    retry_after = 2
+
+
+class ShuttingDown(Unavailable):
+    code = "shutting_down"
+    retry_after = 5
+
+
+class EngineFailure(ThoxdError):
+    code = "engine_error"
