@@ -1,0 +1,85 @@
+"""The `thoxd` command: argparse -> Settings -> the daemon. Returns an exit code.
+
+Every Settings field is a flag of `thoxd serve` (its description is the help text), so the CLI,
+the environment and the TOML file can never drift apart.
+"""
+
+from __future__ import annotations
+
+import argparse
+import sys
+from collections.abc import Sequence
+from pathlib import Path
+from typing import Any, Literal, get_args, get_origin
+
+from pydantic import ValidationError
+
+from thoxd import __version__
+from thoxd.catalog import CatalogError
+from thoxd.settings import Settings, load_settings
+
+COMMANDS = ("serve",)
+
+
+def _flag(name: str) -> str:
+    return "--" + name.replace("_", "-")
+
+
+def build_parser() -> argparse.ArgumentParser:
+    parser = argparse.ArgumentParser(
+        prog="thoxd",
+        description="The daemon of a local LLM appliance: an OpenAI-compatible API on llama.cpp.",
+        epilog="Every serve flag can also be set as THOXD_<NAME> in the environment or in the "
+        "TOML config file (flag > environment > file > default).",
+    )
+    parser.add_argument("--version", action="version", version=f"thoxd {__version__}")
+    commands = parser.add_subparsers(dest="command", metavar="COMMAND")
+    serve = commands.add_parser("serve", help="run the daemon (the default command)")
+    serve.add_argument(
+        "--config",
+        type=Path,
+        default=None,
+        help="TOML settings file (default: /etc/thoxd/thoxd.toml when present)",
+    )
+    for name, field in Settings.model_fields.items():
+        annotation = field.annotation
+        kwargs: dict[str, Any] = {"help": field.description, "default": argparse.SUPPRESS}
+        if get_origin(annotation) is Literal:
+            kwargs["choices"] = get_args(annotation)
+        serve.add_argument(_flag(name), dest=name, metavar=name.upper(), **kwargs)
+    return parser
+
+
+def main(argv: Sequence[str] | None = None) -> int:
+    args_in = list(sys.argv[1:] if argv is None else argv)
+    if not args_in or (
+        args_in[0] not in COMMANDS and args_in[0] not in ("-h", "--help", "--version")
+    ):
+        args_in.insert(0, "serve")
+    args = build_parser().parse_args(args_in)
+    overrides = {k: v for k, v in vars(args).items() if k in Settings.model_fields}
+    try:
+        settings = load_settings(overrides, args.config)
+    except ValidationError as exc:
+        error = exc.errors()[0]
+        field = ".".join(str(p) for p in error["loc"]) or "settings"
+        sys.stderr.write(f"thoxd: invalid setting {field}: {error['msg']}\n")
+        return 2
+    except (FileNotFoundError, ValueError) as exc:
+        sys.stderr.write(f"thoxd: {exc}\n")
+        return 2
+
+    from thoxd.server import configure_logging, serve
+
+    configure_logging(settings.log_level)
+    try:
+        return serve(settings)
+    except CatalogError as exc:
+        sys.stderr.write(f"thoxd: {exc}\n")
+        return 2
+    except KeyboardInterrupt:
+        return 130
+
+
+if __name__ == "__main__":
+    sys.exit(main())

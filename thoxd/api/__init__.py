@@ -1,0 +1,1 @@
+"""HTTP handlers: thin layers over the engine, one module per surface."""

@@ -1,0 +1,210 @@
+"""The OpenAI REST surface: chat and text completions (plain and SSE), embeddings, models.
+
+Handlers stay thin: parse the body, start the work through `thoxd.generation`, shape the answer.
+A client that goes away cancels its generations, streaming or not, within one decode step.
+"""
+
+from __future__ import annotations
+
+import asyncio
+import base64
+import json
+import struct
+from collections.abc import AsyncIterator
+from typing import Any
+
+from starlette.requests import Request
+from starlette.responses import JSONResponse, Response, StreamingResponse
+from starlette.routing import Route
+from starlette.types import Receive
+
+from thoxd.api.shapes import Envelope
+from thoxd.catalog import ModelSpec
+from thoxd.engine.request import Delta, Failed, Finished
+from thoxd.engine.runtime import Engine
+from thoxd.generation import Started, split_prompts, start_chat, start_completion
+from thoxd.schemas import (
+    ChatRequest,
+    CompletionRequest,
+    EmbeddingRequest,
+    GenerationBody,
+    parse,
+)
+
+SSE_HEADERS = {"Cache-Control": "no-cache", "X-Accel-Buffering": "no"}
+
+
+async def merged_events(started: Started) -> AsyncIterator[tuple[int, Delta | Finished | Failed]]:
+    """Events of every choice as they come, tagged with the choice index."""
+    if len(started.generations) == 1:
+        async for event in started.generations[0].events():
+            yield 0, event
+        return
+    queue: asyncio.Queue[tuple[int, Delta | Finished | Failed]] = asyncio.Queue()
+
+    async def pump(index: int) -> None:
+        async for event in started.generations[index].events():
+            await queue.put((index, event))
+
+    tasks = [asyncio.create_task(pump(i)) for i in range(len(started.generations))]
+    try:
+        open_choices = len(tasks)
+        while open_choices:
+            index, event = await queue.get()
+            if not isinstance(event, Delta):
+                open_choices -= 1
+            yield index, event
+    finally:
+        for task in tasks:
+            task.cancel()
+
+
+async def _until_disconnect(receive: Receive) -> None:
+    while (await receive())["type"] != "http.disconnect":
+        pass
+
+
+class OpenAIRoutes:
+    def __init__(self, engine: Engine) -> None:
+        self.engine = engine
+
+    def routes(self) -> list[Route]:
+        return [
+            Route("/v1/chat/completions", self.chat, methods=["POST"]),
+            Route("/v1/completions", self.completions, methods=["POST"]),
+            Route("/v1/embeddings", self.embeddings, methods=["POST"]),
+            Route("/v1/models", self.list_models, methods=["GET"]),
+            Route("/v1/models/{model_id:path}", self.get_model, methods=["GET"]),
+        ]
+
+    # -- generation ------------------------------------------------------------------------
+
+    async def chat(self, request: Request) -> Response:
+        body = parse(ChatRequest, await request.body())
+        started = await start_chat(self.engine, body)
+        return await self._respond(request, body, started, Envelope("chat", body.model))
+
+    async def completions(self, request: Request) -> Response:
+        body = parse(CompletionRequest, await request.body())
+        started = await start_completion(self.engine, body)
+        return await self._respond(request, body, started, Envelope("text", body.model))
+
+    async def _respond(
+        self, request: Request, body: GenerationBody, started: Started, envelope: Envelope
+    ) -> Response:
+        if body.stream:
+            return StreamingResponse(
+                self._sse(started, envelope, body.include_usage),
+                media_type="text/event-stream",
+                headers=SSE_HEADERS,
+            )
+        collect = asyncio.ensure_future(self._collect(started, envelope))
+        gone = asyncio.ensure_future(_until_disconnect(request.receive))
+        try:
+            await asyncio.wait({collect, gone}, return_when=asyncio.FIRST_COMPLETED)
+        finally:
+            gone.cancel()
+            if not collect.done():  # the client left: free its slots now
+                started.cancel()
+                collect.cancel()
+        if collect.cancelled():
+            return Response(status_code=499)
+        return JSONResponse(collect.result())
+
+    async def _collect(self, started: Started, envelope: Envelope) -> dict[str, Any]:
+        n = len(started.generations)
+        texts: list[list[str]] = [[] for _ in range(n)]
+        finished: list[Finished | None] = [None] * n
+        async for index, event in merged_events(started):
+            if isinstance(event, Delta):
+                texts[index].append(event.text)
+            elif isinstance(event, Failed):
+                started.cancel()
+                raise event.error
+            else:
+                finished[index] = event
+        done = [f for f in finished if f is not None]
+        return envelope.completion(["".join(t) for t in texts], done)
+
+    async def _sse(
+        self, started: Started, envelope: Envelope, include_usage: bool
+    ) -> AsyncIterator[str]:
+        finished: list[Finished] = []
+        try:
+            if envelope.chat:
+                for index in range(len(started.generations)):
+                    yield _sse_data(envelope.chunk(index, "", role=True))
+            async for index, event in merged_events(started):
+                if isinstance(event, Delta):
+                    yield _sse_data(envelope.chunk(index, event.text))
+                elif isinstance(event, Failed):
+                    yield _sse_data(event.error.envelope())
+                    return
+                else:
+                    finished.append(event)
+                    last = envelope.chunk(index, None, event.finish_reason)
+                    last["timings"] = event.timings.as_dict()
+                    yield _sse_data(last)
+            if include_usage:
+                yield _sse_data(envelope.usage_chunk(finished))
+            yield "data: [DONE]\n\n"
+        finally:
+            # Runs when the client disconnects too: the slots are freed within one step.
+            started.cancel()
+
+    # -- embeddings ------------------------------------------------------------------------
+
+    async def embeddings(self, request: Request) -> Response:
+        body = parse(EmbeddingRequest, await request.body())
+        model = self.engine.get(body.model)
+        data = []
+        n_tokens = 0
+        for index, item in enumerate(split_prompts(body.input)):
+            tokens = await model.tokenize(item, add_special=True) if isinstance(item, str) else item
+            n_tokens += len(tokens)
+            vector = await model.embed(tokens)
+            data.append({"object": "embedding", "index": index, "embedding": _encode(vector, body)})
+        return JSONResponse(
+            {
+                "object": "list",
+                "data": data,
+                "model": body.model,
+                "usage": {"prompt_tokens": n_tokens, "total_tokens": n_tokens},
+            }
+        )
+
+    # -- models ----------------------------------------------------------------------------
+
+    async def list_models(self, request: Request) -> Response:
+        data = [self._model_object(spec) for spec in self.engine.catalog]
+        return JSONResponse({"object": "list", "data": data})
+
+    async def get_model(self, request: Request) -> Response:
+        spec = self.engine.catalog.get(request.path_params["model_id"])
+        return JSONResponse(self._model_object(spec))
+
+    def _model_object(self, spec: ModelSpec) -> dict[str, Any]:
+        loaded = next((m for m in self.engine.loaded() if m.spec.id == spec.id), None)
+        return {
+            "id": spec.id,
+            "object": "model",
+            "created": int(loaded.loaded_at) if loaded else 0,
+            "owned_by": "thoxd",
+            "aliases": list(spec.aliases),
+            "description": spec.description,
+            "state": self.engine.state(spec.id),
+            "context_window": spec.n_ctx,
+            "n_ctx": spec.n_ctx,
+            "max_tokens": spec.n_ctx,
+            "capabilities": sorted(spec.capabilities),
+        }
+
+
+def _sse_data(obj: dict[str, Any]) -> str:
+    return f"data: {json.dumps(obj, separators=(',', ':'))}\n\n"
+
+
+def _encode(vector: list[float], body: EmbeddingRequest) -> list[float] | str:
+    if body.encoding_format == "base64":
+        return base64.b64encode(struct.pack(f"<{len(vector)}f", *vector)).decode()
+    return vector

@@ -1,0 +1,97 @@
+"""create_app(): the whole daemon assembled explicitly from its parts."""
+
+from __future__ import annotations
+
+import asyncio
+import contextlib
+import logging
+from collections.abc import AsyncIterator
+
+from starlette.applications import Starlette
+from starlette.exceptions import HTTPException
+from starlette.middleware import Middleware
+from starlette.requests import Request
+from starlette.responses import JSONResponse, Response
+
+from thoxd.api.openai import OpenAIRoutes
+from thoxd.api.system import SystemRoutes
+from thoxd.catalog import Catalog
+from thoxd.engine.runtime import Engine, EngineConfig
+from thoxd.errors import InvalidRequest, NotFound, ThoxdError
+from thoxd.middleware import BodyLimitMiddleware
+from thoxd.settings import Settings
+
+logger = logging.getLogger("thoxd")
+
+
+async def _thoxd_error(request: Request, exc: Exception) -> Response:
+    assert isinstance(exc, ThoxdError)
+    return JSONResponse(exc.envelope(), status_code=exc.status, headers=exc.headers)
+
+
+async def _http_error(request: Request, exc: Exception) -> Response:
+    assert isinstance(exc, HTTPException)
+    if exc.status_code == 404:
+        error: ThoxdError = NotFound(f"There is no route {request.url.path}.")
+    else:
+        error = InvalidRequest(f"{request.method} is not allowed on {request.url.path}.")
+        error.status = exc.status_code  # type: ignore[misc]
+    return JSONResponse(error.envelope(), status_code=exc.status_code, headers=exc.headers)
+
+
+async def _unexpected(request: Request, exc: Exception) -> Response:
+    # The traceback goes to the log, never to the client.
+    logger.error("unhandled error on %s %s", request.method, request.url.path, exc_info=exc)
+    return JSONResponse(ThoxdError("Internal server error.").envelope(), status_code=500)
+
+
+def create_app(
+    settings: Settings, *, catalog: Catalog | None = None, engine: Engine | None = None
+) -> Starlette:
+    catalog = catalog or Catalog.load(settings.catalog)
+    catalog.get(settings.default_model)  # fail at start, not at the first request
+    if engine is None:
+        engine = Engine(
+            catalog,
+            EngineConfig(
+                models_dir=settings.resolved_models_dir,
+                threads=settings.threads,
+                slots=settings.slots,
+                queue_size=settings.queue_size,
+                batch_size=settings.batch_size,
+            ),
+        )
+
+    @contextlib.asynccontextmanager
+    async def lifespan(app: Starlette) -> AsyncIterator[None]:
+        # Load in the background: the socket binds at once and /health says "loading".
+        loading = asyncio.create_task(_load_default(engine, settings.default_model))
+        try:
+            yield
+        finally:
+            loading.cancel()
+            await engine.close()
+
+    app = Starlette(
+        routes=[
+            *OpenAIRoutes(engine).routes(),
+            *SystemRoutes(engine, settings.default_model).routes(),
+        ],
+        middleware=[Middleware(BodyLimitMiddleware, max_body_bytes=settings.max_body_bytes)],
+        exception_handlers={
+            ThoxdError: _thoxd_error,
+            HTTPException: _http_error,
+            Exception: _unexpected,
+        },
+        lifespan=lifespan,
+    )
+    app.state.engine = engine
+    app.state.settings = settings
+    return app
+
+
+async def _load_default(engine: Engine, name: str) -> None:
+    try:
+        await engine.load(name)
+    except ThoxdError:
+        logger.error("the default model %s could not be loaded; /health stays 503", name)

@@ -1,0 +1,126 @@
+"""models.toml -> ModelSpec: what the box can serve, looked up by id or alias.
+
+The catalog is validated as a whole at start; an error names the entry and the field, so a typo
+in models.toml is a one-line message, not a traceback at the first request.
+"""
+
+from __future__ import annotations
+
+import tomllib
+from collections.abc import Iterator
+from pathlib import Path, PurePosixPath
+from typing import Literal
+
+from pydantic import BaseModel, ConfigDict, Field, ValidationError, field_validator
+
+from thoxd.errors import ModelNotFound
+
+Capability = Literal["chat", "completion", "embeddings"]
+_NAME = r"^[A-Za-z0-9][A-Za-z0-9._:\-]{0,127}$"
+
+
+class CatalogError(Exception):
+    """models.toml is missing, unreadable, or has an invalid entry."""
+
+
+class SamplingDefaults(BaseModel):
+    """Per-model defaults for what a request leaves out."""
+
+    model_config = ConfigDict(extra="forbid", frozen=True)
+
+    temperature: float = Field(0.8, ge=0.0, le=2.0)
+    top_p: float = Field(0.95, gt=0.0, le=1.0)
+    top_k: int = Field(40, ge=0, le=1000)
+    min_p: float = Field(0.05, ge=0.0, le=1.0)
+    repeat_penalty: float = Field(1.0, gt=0.0, le=10.0)
+    max_tokens: int | None = Field(None, ge=1)
+
+
+class ModelSpec(BaseModel):
+    model_config = ConfigDict(extra="forbid", frozen=True)
+
+    id: str = Field(pattern=_NAME)
+    aliases: tuple[str, ...] = ()
+    description: str = ""
+    path: str = Field(min_length=1, description="GGUF file, relative to the models directory")
+    package: str | None = Field(
+        None, description="Python package that assembles the file when it is missing"
+    )
+    sha256: str | None = Field(None, pattern=r"^[0-9a-f]{64}$")
+    n_ctx: int = Field(4096, ge=256, le=1 << 20, description="context window of one request")
+    n_gpu_layers: int = Field(0, ge=-1, le=1024)
+    chat_template: str | None = Field(
+        None, description="a built-in template name, or a Jinja template"
+    )
+    stop: tuple[str, ...] = ()
+    capabilities: frozenset[Capability] = frozenset({"chat", "completion"})
+    defaults: SamplingDefaults = SamplingDefaults()
+
+    @field_validator("aliases")
+    @classmethod
+    def _aliases_are_names(cls, value: tuple[str, ...]) -> tuple[str, ...]:
+        for alias in value:
+            if not alias or len(alias) > 128 or alias.strip() != alias:
+                raise ValueError(f"invalid alias {alias!r}")
+        return value
+
+    @field_validator("path")
+    @classmethod
+    def _path_stays_inside(cls, value: str) -> str:
+        pure = PurePosixPath(value)
+        if pure.is_absolute() or ".." in pure.parts or "\\" in value:
+            raise ValueError("must be a relative path inside the models directory")
+        return value
+
+    @property
+    def names(self) -> tuple[str, ...]:
+        return (self.id, *self.aliases)
+
+
+class Catalog:
+    def __init__(self, specs: list[ModelSpec]) -> None:
+        self._specs = {spec.id: spec for spec in specs}
+        self._names: dict[str, ModelSpec] = {}
+        for spec in specs:
+            for name in spec.names:
+                if name in self._names:
+                    raise CatalogError(f"the name '{name}' is used by two catalog entries")
+                self._names[name] = spec
+
+    @classmethod
+    def load(cls, path: Path) -> Catalog:
+        try:
+            data = tomllib.loads(path.read_text(encoding="utf-8"))
+        except OSError as exc:
+            raise CatalogError(f"cannot read catalog {path.name}: {exc.strerror}") from None
+        except tomllib.TOMLDecodeError as exc:
+            raise CatalogError(f"{path.name}: {exc}") from None
+        entries = data.get("models")
+        if not isinstance(entries, list) or not entries:
+            raise CatalogError(f"{path.name}: needs at least one [[models]] entry")
+        specs = []
+        for i, entry in enumerate(entries):
+            label = f"models[{i}]" + (
+                f" ({entry['id']})"
+                if isinstance(entry, dict) and isinstance(entry.get("id"), str)
+                else ""
+            )
+            try:
+                specs.append(ModelSpec.model_validate(entry))
+            except ValidationError as exc:
+                first = exc.errors()[0]
+                field = ".".join(str(p) for p in first["loc"]) or "entry"
+                raise CatalogError(f"{path.name}: {label}: {field}: {first['msg']}") from None
+        return cls(specs)
+
+    def get(self, name: str) -> ModelSpec:
+        try:
+            return self._names[name]
+        except KeyError:
+            raise ModelNotFound(name) from None
+
+    def __iter__(self) -> Iterator[ModelSpec]:
+        return iter(self._specs.values())
+
+    def __len__(self) -> int:
+        return len(self._specs)

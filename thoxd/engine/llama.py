@@ -1,0 +1,226 @@
+"""A thin, typed layer over llama-cpp-python's low-level C API.
+
+Only this package imports `llama_cpp`. Each object here owns one C resource and frees it exactly
+once; callers above deal in Python ints, bytes and lists, never in ctypes.
+"""
+
+from __future__ import annotations
+
+import ctypes
+import logging
+import math
+from collections.abc import Sequence
+from dataclasses import dataclass
+from pathlib import Path
+from typing import Any
+
+import llama_cpp
+
+logger = logging.getLogger("thoxd.llama")
+
+# ggml_log_level -> logging level. llama.cpp's INFO chatter goes to DEBUG: it is for developers.
+_LOG_LEVELS = {1: logging.DEBUG, 2: logging.DEBUG, 3: logging.WARNING, 4: logging.ERROR}
+_LOG_CONT = 5
+
+
+class LlamaLogRouter:
+    """Routes llama.cpp's log lines into `logging` instead of stderr.
+
+    llama.cpp's log callback is process-wide; the router keeps the ctypes callback alive for as
+    long as it is installed (a collected callback would crash the process).
+    """
+
+    def __init__(self) -> None:
+        self._level = logging.DEBUG
+        self._buffer = ""
+        self._callback = llama_cpp.llama_log_callback(self._on_log)
+
+    def install(self) -> None:
+        llama_cpp.llama_log_set(self._callback, ctypes.c_void_p(0))
+
+    def _on_log(self, level: int, text: bytes, _user: Any) -> None:
+        if level != _LOG_CONT:
+            self._level = _LOG_LEVELS.get(level, logging.DEBUG)
+        self._buffer += text.decode("utf-8", errors="replace")
+        if self._buffer.endswith("\n"):
+            line, self._buffer = self._buffer.rstrip(), ""
+            if line:
+                logger.log(self._level, "%s", line)
+
+
+class LlamaLoadError(Exception):
+    """llama.cpp refused a model or a context (the reason is in the log)."""
+
+
+class LlamaModel:
+    """Weights and vocabulary of one GGUF file."""
+
+    def __init__(self, path: Path, *, n_gpu_layers: int = 0) -> None:
+        params = llama_cpp.llama_model_default_params()
+        params.n_gpu_layers = n_gpu_layers
+        ptr = llama_cpp.llama_model_load_from_file(str(path).encode(), params)
+        if not ptr:
+            raise LlamaLoadError("llama.cpp could not load the model file")
+        self.ptr = ptr
+        self.vocab = llama_cpp.llama_model_get_vocab(ptr)
+        self.n_vocab: int = llama_cpp.llama_vocab_n_tokens(self.vocab)
+        self.n_ctx_train: int = llama_cpp.llama_model_n_ctx_train(ptr)
+        self.n_embd: int = llama_cpp.llama_model_n_embd(ptr)
+        self.size_bytes: int = llama_cpp.llama_model_size(ptr)
+        self.add_bos: bool = llama_cpp.llama_vocab_get_add_bos(self.vocab)
+        self._eog = {t for t in range(self.n_vocab) if llama_cpp.llama_vocab_is_eog(self.vocab, t)}
+
+    def close(self) -> None:
+        if self.ptr:
+            llama_cpp.llama_model_free(self.ptr)
+            self.ptr = None
+
+    def meta(self, key: str) -> str | None:
+        buf = ctypes.create_string_buffer(4096)
+        n = llama_cpp.llama_model_meta_val_str(self.ptr, key.encode(), buf, len(buf))
+        return buf.value.decode("utf-8", errors="replace") if n >= 0 else None
+
+    def tokenize(self, text: str, *, add_special: bool, parse_special: bool = True) -> list[int]:
+        data = text.encode("utf-8")
+        # A token is never shorter than one byte, plus room for BOS/EOS.
+        capacity = len(data) + 8
+        tokens = (llama_cpp.llama_token * capacity)()
+        n = llama_cpp.llama_tokenize(
+            self.vocab, data, len(data), tokens, capacity, add_special, parse_special
+        )
+        if n < 0:  # pragma: no cover - capacity is always enough
+            raise LlamaLoadError("tokenizer buffer too small")
+        return list(tokens[:n])
+
+    def piece(self, token: int) -> bytes:
+        """The bytes of one token as text (control tokens render as nothing)."""
+        buf = ctypes.create_string_buffer(64)
+        n = llama_cpp.llama_token_to_piece(self.vocab, token, buf, len(buf), 0, False)
+        if n < 0:
+            buf = ctypes.create_string_buffer(-n)
+            n = llama_cpp.llama_token_to_piece(self.vocab, token, buf, len(buf), 0, False)
+        return buf.raw[:n]
+
+    def is_eog(self, token: int) -> bool:
+        return token in self._eog
+
+
+@dataclass(frozen=True)
+class ContextConfig:
+    n_ctx: int  # the KV cache size in tokens, shared by every sequence (unified)
+    n_seq_max: int
+    n_batch: int
+    n_threads: int
+    embeddings: bool = False
+
+
+class LlamaContext:
+    """One llama.cpp context (KV cache + compute buffers) over a loaded model."""
+
+    def __init__(self, model: LlamaModel, config: ContextConfig) -> None:
+        params = llama_cpp.llama_context_default_params()
+        params.n_ctx = config.n_ctx
+        params.n_batch = config.n_batch
+        params.n_ubatch = config.n_batch
+        params.n_seq_max = config.n_seq_max
+        params.n_threads = config.n_threads
+        params.n_threads_batch = config.n_threads
+        # Unified KV: any one sequence may use the whole cache, no per-slot split.
+        params.kv_unified = True
+        # Full-size SWA cache keeps cached prefixes reusable on sliding-window models (Gemma 3).
+        params.swa_full = True
+        params.no_perf = True
+        # At most one sampled token per sequence per step: sizing the logits buffer for n_batch
+        # outputs would cost n_batch x n_vocab floats (512 MiB for Gemma 3) for nothing.
+        params.n_outputs_max = config.n_seq_max
+        params.n_outputs_max_per_seq = 1
+        if config.embeddings:
+            # Pooling needs every token's output.
+            params.n_outputs_max = 0
+            params.n_outputs_max_per_seq = 0
+            params.embeddings = True
+            params.pooling_type = llama_cpp.LLAMA_POOLING_TYPE_MEAN
+        ptr = llama_cpp.llama_init_from_model(model.ptr, params)
+        if not ptr:
+            raise LlamaLoadError("llama.cpp could not create a context")
+        self.ptr = ptr
+        self.model = model
+        self.n_ctx: int = llama_cpp.llama_n_ctx(ptr)
+        self.n_batch: int = llama_cpp.llama_n_batch(ptr)
+        self.memory = llama_cpp.llama_get_memory(ptr)
+
+    def close(self) -> None:
+        if self.ptr:
+            llama_cpp.llama_free(self.ptr)
+            self.ptr = None
+
+    def decode(self, batch: Batch) -> int:
+        """0 on success, 1 when the KV cache has no room, < 0 on error."""
+        return int(llama_cpp.llama_decode(self.ptr, batch.raw))
+
+    def seq_rm(self, seq_id: int, p0: int, p1: int = -1) -> bool:
+        return bool(llama_cpp.llama_memory_seq_rm(self.memory, seq_id, p0, p1))
+
+    def clear(self) -> None:
+        llama_cpp.llama_memory_clear(self.memory, True)
+
+    def sequence_embedding(self, seq_id: int) -> list[float]:
+        ptr = llama_cpp.llama_get_embeddings_seq(self.ptr, seq_id)
+        if not ptr:
+            raise LlamaLoadError("no pooled embedding was produced")
+        values = [float(v) for v in ptr[: self.model.n_embd]]
+        norm = math.sqrt(sum(v * v for v in values)) or 1.0
+        return [v / norm for v in values]
+
+
+class Batch:
+    """A reusable llama_batch of up to `capacity` tokens, each on one sequence."""
+
+    def __init__(self, capacity: int) -> None:
+        self.capacity = capacity
+        self.raw = llama_cpp.llama_batch_init(capacity, 0, 1)
+        self.n_tokens = 0
+
+    def close(self) -> None:
+        if self.capacity:
+            llama_cpp.llama_batch_free(self.raw)
+            self.capacity = 0
+
+    def clear(self) -> None:
+        self.n_tokens = 0
+        self.raw.n_tokens = 0
+
+    def add(self, token: int, pos: int, seq_id: int, *, logits: bool) -> int:
+        """Append one token; returns its index in the batch (for sampling its logits)."""
+        i = self.n_tokens
+        raw = self.raw
+        raw.token[i] = token
+        raw.pos[i] = pos
+        raw.n_seq_id[i] = 1
+        raw.seq_id[i][0] = seq_id
+        raw.logits[i] = logits
+        self.n_tokens = raw.n_tokens = i + 1
+        return i
+
+    def add_sequence(self, tokens: Sequence[int], start: int, seq_id: int, *, last: bool) -> int:
+        """Append tokens at positions start.. on one sequence; logits for the final one if
+        `last`. Returns the batch index of the final token."""
+        for k, token in enumerate(tokens):
+            self.add(token, start + k, seq_id, logits=last and k == len(tokens) - 1)
+        return self.n_tokens - 1
+
+    @property
+    def room(self) -> int:
+        return self.capacity - self.n_tokens
+
+
+def backend_init() -> None:
+    llama_cpp.llama_backend_init()
+
+
+def system_info() -> str:
+    return bytes(llama_cpp.llama_print_system_info()).decode("utf-8", errors="replace")
+
+
+def supports_gpu_offload() -> bool:
+    return bool(llama_cpp.llama_supports_gpu_offload())

@@ -1,0 +1,106 @@
+"""What crosses between the event loop and an engine thread: one Generation and its events.
+
+The event loop creates a Generation and submits it; the engine thread pushes events into it with
+`call_soon_threadsafe`; the event loop reads them with `async for`. Cancelling is a flag the
+engine thread checks before every step, plus a wake-up so a waiting request leaves at once.
+"""
+
+from __future__ import annotations
+
+import asyncio
+import contextlib
+import itertools
+import time
+from collections.abc import AsyncIterator, Callable
+from dataclasses import dataclass, field
+from typing import Any
+
+from thoxd.engine.sampling import SamplingParams
+from thoxd.errors import ThoxdError
+
+
+@dataclass
+class Timings:
+    """llama-server's timing fields, so clients written for it read ours unchanged."""
+
+    cache_n: int = 0
+    prompt_n: int = 0
+    prompt_ms: float = 0.0
+    predicted_n: int = 0
+    predicted_ms: float = 0.0
+    queue_ms: float = 0.0
+
+    def as_dict(self) -> dict[str, Any]:
+        return {
+            "cache_n": self.cache_n,
+            "prompt_n": self.prompt_n,
+            "prompt_ms": round(self.prompt_ms, 3),
+            "prompt_per_second": _rate(self.prompt_n, self.prompt_ms),
+            "predicted_n": self.predicted_n,
+            "predicted_ms": round(self.predicted_ms, 3),
+            "predicted_per_second": _rate(self.predicted_n, self.predicted_ms),
+            "queue_ms": round(self.queue_ms, 3),
+        }
+
+
+def _rate(n: int, ms: float) -> float:
+    return round(n * 1000.0 / ms, 3) if ms > 0 else 0.0
+
+
+@dataclass(frozen=True)
+class Delta:
+    text: str
+
+
+@dataclass(frozen=True)
+class Finished:
+    finish_reason: str  # "stop" | "length" | "cancelled"
+    prompt_tokens: int
+    completion_tokens: int
+    timings: Timings
+
+
+@dataclass(frozen=True)
+class Failed:
+    error: ThoxdError
+
+
+Event = Delta | Finished | Failed
+
+_ids = itertools.count(1)
+
+
+@dataclass(eq=False)
+class Generation:
+    """One request for tokens: its prompt, its limits, and the channel its events come back by."""
+
+    prompt: list[int]
+    params: SamplingParams
+    max_tokens: int
+    stops: tuple[str, ...] = ()
+    number: int = field(default_factory=lambda: next(_ids))
+    cancelled: bool = False
+    submitted_at: float = field(default_factory=time.monotonic)
+    _loop: asyncio.AbstractEventLoop = field(default_factory=asyncio.get_running_loop)
+    _queue: asyncio.Queue[Event] = field(default_factory=asyncio.Queue)
+    _wake: Callable[[], None] = lambda: None
+
+    def push(self, event: Event) -> None:
+        """Called from the engine thread."""
+        # A closed loop raises RuntimeError: nobody is listening any more.
+        with contextlib.suppress(RuntimeError):
+            self._loop.call_soon_threadsafe(self._queue.put_nowait, event)
+
+    def cancel(self) -> None:
+        """Called from the event loop; the engine stops this request within one step."""
+        if not self.cancelled:
+            self.cancelled = True
+            self._wake()
+
+    async def events(self) -> AsyncIterator[Event]:
+        """Every event of this generation, ending with its Finished or Failed."""
+        while True:
+            event = await self._queue.get()
+            yield event
+            if not isinstance(event, Delta):
+                return

@@ -1,0 +1,319 @@
+"""The step loop: one thread owns a model's llama context and decodes for N sequence slots.
+
+Each step builds one batch: one token for every sequence that is generating, then prompt chunks
+for sequences that are still prefilling, up to `n_batch` tokens; a single `llama_decode` runs it,
+and each sequence whose logits came out samples its next token. Waiting requests are admitted in
+FIFO order as slots free up, each into the idle slot whose cached tokens share the longest prefix
+with its prompt, so only the rest of the prompt is prefilled.
+
+Nothing here blocks the event loop: requests arrive through a locked deque, events leave through
+`Generation.push`. Other work that must own the context (embeddings) runs between steps as jobs.
+"""
+
+from __future__ import annotations
+
+import logging
+import threading
+import time
+from collections import deque
+from collections.abc import Callable
+from concurrent.futures import Future
+from dataclasses import dataclass, field
+from typing import Any
+
+from thoxd.engine.llama import Batch, LlamaContext, LlamaModel
+from thoxd.engine.request import Delta, Failed, Finished, Generation, Timings
+from thoxd.engine.sampling import Sampler
+from thoxd.engine.text import TextAssembler
+from thoxd.errors import EngineFailure, QueueFull, ShuttingDown
+
+logger = logging.getLogger("thoxd.engine")
+
+
+@dataclass(eq=False)
+class _Running:
+    gen: Generation
+    sampler: Sampler
+    text: TextAssembler
+    prefilled: int  # prompt tokens already in the KV cache
+    cache_n: int
+    admitted_at: float
+    first_token_at: float = 0.0
+    last_token: int = -1
+    generated: int = 0
+
+    @property
+    def decoding(self) -> bool:
+        return self.prefilled == len(self.gen.prompt)
+
+
+@dataclass(eq=False)
+class _Slot:
+    seq_id: int
+    # Tokens whose keys and values sit in the cache for this sequence, at positions 0..len-1.
+    cached: list[int] = field(default_factory=list)
+    run: _Running | None = None
+    last_used: float = 0.0
+
+
+def _common_prefix(a: list[int], b: list[int]) -> int:
+    n = min(len(a), len(b))
+    i = 0
+    while i < n and a[i] == b[i]:
+        i += 1
+    return i
+
+
+@dataclass(frozen=True)
+class SchedulerStats:
+    slots: int
+    running: int
+    waiting: int
+
+
+class Scheduler:
+    def __init__(
+        self,
+        model: LlamaModel,
+        ctx: LlamaContext,
+        *,
+        n_slots: int,
+        n_ctx_seq: int,
+        queue_size: int,
+        name: str,
+    ) -> None:
+        self._model = model
+        self._ctx = ctx
+        self._n_ctx_seq = n_ctx_seq
+        self._queue_size = queue_size
+        self._slots = [_Slot(seq_id=i) for i in range(n_slots)]
+        self._batch = Batch(ctx.n_batch)
+        self._waiting: deque[Generation] = deque()
+        self._jobs: deque[tuple[Callable[[], Any], Future[Any]]] = deque()
+        self._cond = threading.Condition()
+        self._stopping = False
+        self._thread = threading.Thread(target=self._run, name=f"thoxd-engine-{name}", daemon=True)
+
+    # -- the event loop's side ------------------------------------------------------------
+
+    def start(self) -> None:
+        self._thread.start()
+
+    def submit(self, gen: Generation) -> None:
+        """Queue a generation; raises QueueFull past the bound, never blocks."""
+        with self._cond:
+            if self._stopping:
+                raise ShuttingDown("The server is shutting down.")
+            idle = sum(1 for s in self._slots if s.run is None)
+            if len(self._waiting) >= self._queue_size + idle:
+                raise QueueFull(len(self._waiting))
+            gen._wake = self._wake
+            self._waiting.append(gen)
+            self._cond.notify()
+
+    def run_job(self, fn: Callable[[], Any]) -> Future[Any]:
+        """Run `fn` on the engine thread between two steps."""
+        future: Future[Any] = Future()
+        with self._cond:
+            if self._stopping:
+                raise ShuttingDown("The server is shutting down.")
+            self._jobs.append((fn, future))
+            self._cond.notify()
+        return future
+
+    def stats(self) -> SchedulerStats:
+        running = sum(1 for s in self._slots if s.run is not None)
+        return SchedulerStats(slots=len(self._slots), running=running, waiting=len(self._waiting))
+
+    def stop(self, timeout: float = 10.0) -> None:
+        with self._cond:
+            self._stopping = True
+            self._cond.notify()
+        self._thread.join(timeout)
+        if self._thread.is_alive():  # pragma: no cover - a decode that never returns
+            logger.error("engine thread did not stop within %.0f s", timeout)
+            return
+        self._batch.close()
+
+    def _wake(self) -> None:
+        with self._cond:
+            self._cond.notify()
+
+    # -- the engine thread ----------------------------------------------------------------
+
+    def _run(self) -> None:
+        try:
+            while self._next_round():
+                pass
+        except Exception:  # pragma: no cover - a bug; fail loudly but tell every client
+            logger.exception("engine thread failed")
+        finally:
+            self._abandon_all()
+
+    def _next_round(self) -> bool:
+        with self._cond:
+            while not (self._stopping or self._waiting or self._jobs or self._busy()):
+                self._cond.wait()
+            if self._stopping:
+                return False
+            admitted = self._take_admissible()
+            job = self._jobs.popleft() if self._jobs else None
+        for gen in admitted:
+            self._admit(gen)
+        if job is not None:
+            self._run_job(*job)
+        self._reap_cancelled()
+        if self._busy():
+            self._step()
+        return True
+
+    def _busy(self) -> bool:
+        return any(s.run is not None for s in self._slots)
+
+    def _take_admissible(self) -> list[Generation]:
+        idle = sum(1 for s in self._slots if s.run is None)
+        taken: list[Generation] = []
+        while self._waiting and len(taken) < idle:
+            gen = self._waiting.popleft()
+            if gen.cancelled:
+                gen.push(Finished("cancelled", len(gen.prompt), 0, Timings()))
+            else:
+                taken.append(gen)
+        return taken
+
+    def _admit(self, gen: Generation) -> None:
+        now = time.monotonic()
+        idle = [s for s in self._slots if s.run is None]
+        slot = max(idle, key=lambda s: (_common_prefix(s.cached, gen.prompt), -s.last_used))
+        # Keep the shared prefix, but always re-evaluate the prompt's last token: its logits
+        # are where the first new token comes from.
+        keep = min(_common_prefix(slot.cached, gen.prompt), len(gen.prompt) - 1)
+        if keep < len(slot.cached) and not self._ctx.seq_rm(slot.seq_id, keep):
+            self._ctx.seq_rm(slot.seq_id, -1)
+            keep = 0
+        del slot.cached[keep:]
+        slot.run = _Running(
+            gen=gen,
+            sampler=Sampler(gen.params, self._model.n_vocab),
+            text=TextAssembler(gen.stops),
+            prefilled=keep,
+            cache_n=keep,
+            admitted_at=now,
+        )
+
+    def _run_job(self, fn: Callable[[], Any], future: Future[Any]) -> None:
+        if not future.set_running_or_notify_cancel():
+            return
+        try:
+            future.set_result(fn())
+        except BaseException as exc:
+            future.set_exception(exc)
+
+    def _reap_cancelled(self) -> None:
+        for slot in self._slots:
+            if slot.run is not None and slot.run.gen.cancelled:
+                self._finish(slot, "cancelled")
+
+    def _step(self) -> None:
+        batch = self._batch
+        batch.clear()
+        outputs: list[tuple[_Slot, int]] = []
+        running = [s for s in self._slots if s.run is not None]
+        for slot in running:
+            run = slot.run
+            assert run is not None
+            if run.decoding:
+                outputs.append(
+                    (slot, batch.add(run.last_token, len(slot.cached), slot.seq_id, logits=True))
+                )
+                slot.cached.append(run.last_token)
+        # Prefill in admission order, in chunks that fit what the batch has left, so a long
+        # prompt shares steps with the streams already running instead of stalling them.
+        for slot in sorted(running, key=lambda s: s.run.admitted_at if s.run else 0.0):
+            run = slot.run
+            if run is None or run.decoding or batch.room == 0:
+                continue
+            chunk = run.gen.prompt[run.prefilled : run.prefilled + batch.room]
+            last = run.prefilled + len(chunk) == len(run.gen.prompt)
+            index = batch.add_sequence(chunk, len(slot.cached), slot.seq_id, last=last)
+            slot.cached.extend(chunk)
+            run.prefilled += len(chunk)
+            if last:
+                outputs.append((slot, index))
+        rc = self._ctx.decode(batch)
+        if rc != 0:
+            self._fail_batch(running, rc)
+            return
+        for slot, index in outputs:
+            self._advance(slot, index)
+
+    def _advance(self, slot: _Slot, index: int) -> None:
+        run = slot.run
+        assert run is not None
+        token = run.sampler.sample(self._ctx, index)
+        if not run.first_token_at:
+            run.first_token_at = time.monotonic()
+        if self._model.is_eog(token):
+            self._finish(slot, "stop")
+            return
+        run.generated += 1
+        text = run.text.feed(self._model.piece(token))
+        if text:
+            run.gen.push(Delta(text))
+        if run.text.stopped:
+            self._finish(slot, "stop")
+        elif run.generated >= run.gen.max_tokens or len(slot.cached) >= self._n_ctx_seq:
+            self._finish(slot, "length")
+        else:
+            run.last_token = token
+
+    def _finish(self, slot: _Slot, reason: str) -> None:
+        run = slot.run
+        assert run is not None
+        now = time.monotonic()
+        if reason != "cancelled" and not run.text.stopped:
+            rest = run.text.flush()
+            if rest:
+                run.gen.push(Delta(rest))
+        first = run.first_token_at or now
+        timings = Timings(
+            cache_n=run.cache_n,
+            prompt_n=run.prefilled - run.cache_n,
+            prompt_ms=(first - run.admitted_at) * 1000.0,
+            predicted_n=run.generated,
+            predicted_ms=(now - first) * 1000.0,
+            queue_ms=(run.admitted_at - run.gen.submitted_at) * 1000.0,
+        )
+        run.gen.push(Finished(reason, len(run.gen.prompt), run.generated, timings))
+        run.sampler.close()
+        slot.run = None
+        slot.last_used = now
+
+    def _fail_batch(self, running: list[_Slot], rc: int) -> None:
+        logger.error("llama_decode failed (rc=%d) for %d sequences", rc, len(running))
+        error = EngineFailure("The model failed to decode this request.")
+        for slot in running:
+            run = slot.run
+            assert run is not None
+            run.gen.push(Failed(error))
+            run.sampler.close()
+            slot.run = None
+            self._ctx.seq_rm(slot.seq_id, -1)
+            slot.cached.clear()
+
+    def _abandon_all(self) -> None:
+        error = ShuttingDown("The server is shutting down.")
+        with self._cond:
+            self._stopping = True
+            waiting, self._waiting = list(self._waiting), deque()
+            jobs, self._jobs = list(self._jobs), deque()
+        for gen in waiting:
+            gen.push(Failed(error))
+        for _fn, future in jobs:
+            if future.set_running_or_notify_cancel():
+                future.set_exception(error)
+        for slot in self._slots:
+            if slot.run is not None:
+                slot.run.gen.push(Failed(error))
+                slot.run.sampler.close()
+                slot.run = None

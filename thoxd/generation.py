@@ -1,0 +1,114 @@
+"""From a validated request to running generations: the rules every surface shares.
+
+REST and WebSocket both call `start_chat` / `start_completion`, so the model lookup, the chat
+template, tokenizing, the context-length check, sampling defaults and the `max_tokens` bound exist
+once. What comes back is submitted to the engine already; the caller only reads events.
+"""
+
+from __future__ import annotations
+
+from collections.abc import Sequence
+from dataclasses import dataclass
+
+from thoxd.engine.request import Generation
+from thoxd.engine.runtime import Engine, LoadedModel
+from thoxd.engine.sampling import SamplingParams
+from thoxd.errors import InvalidRequest
+from thoxd.schemas import ChatRequest, CompletionRequest, GenerationBody
+
+
+@dataclass
+class Started:
+    """Generations of one request, in choice order, all submitted."""
+
+    model_name: str  # as the client asked for it
+    model: LoadedModel
+    generations: list[Generation]
+
+    def cancel(self) -> None:
+        for gen in self.generations:
+            gen.cancel()
+
+
+async def start_chat(engine: Engine, body: ChatRequest) -> Started:
+    model = engine.get(body.model)
+    text = model.render_chat(body.template_messages())
+    tokens = await model.tokenize(text, add_special=False)
+    return _submit(model, body, [tokens], "messages")
+
+
+async def start_completion(engine: Engine, body: CompletionRequest) -> Started:
+    model = engine.get(body.model)
+    if "completion" not in model.spec.capabilities:
+        raise InvalidRequest(
+            f"The model '{model.spec.id}' does not do text completions.", param="model"
+        )
+    prompts: list[list[int]] = []
+    for prompt in split_prompts(body.prompt):
+        if isinstance(prompt, str):
+            prompts.append(await model.tokenize(prompt, add_special=True))
+        else:
+            _check_token_ids(prompt, model.llama.n_vocab)
+            prompts.append(list(prompt))
+    return _submit(model, body, prompts, "prompt")
+
+
+def split_prompts(
+    prompt: str | list[str] | list[int] | list[list[int]],
+) -> list[str | list[int]]:
+    """OpenAI's prompt/input forms as a list of single prompts (text, or token ids)."""
+    if isinstance(prompt, str):
+        return [prompt]
+    items: list[str | list[int]] = []
+    for item in prompt:
+        if isinstance(item, int):
+            return [[t for t in prompt if isinstance(t, int)]]
+        items.append(item)
+    return items
+
+
+def _check_token_ids(tokens: Sequence[int], n_vocab: int) -> None:
+    if any(t >= n_vocab for t in tokens):
+        raise InvalidRequest(f"Token ids must be below {n_vocab}.", param="prompt")
+
+
+def sampling_params(model: LoadedModel, body: GenerationBody) -> SamplingParams:
+    d = model.spec.defaults
+    return SamplingParams(
+        temperature=d.temperature if body.temperature is None else body.temperature,
+        top_p=d.top_p if body.top_p is None else body.top_p,
+        top_k=d.top_k if body.top_k is None else body.top_k,
+        min_p=d.min_p if body.min_p is None else body.min_p,
+        presence_penalty=body.presence_penalty,
+        frequency_penalty=body.frequency_penalty,
+        repeat_penalty=d.repeat_penalty if body.repeat_penalty is None else body.repeat_penalty,
+        seed=body.seed,
+    )
+
+
+def _submit(
+    model: LoadedModel, body: GenerationBody, prompts: list[list[int]], param: str
+) -> Started:
+    for tokens in prompts:
+        if not tokens:
+            raise InvalidRequest("The prompt is empty.", param=param)
+        model.check_fits(len(tokens), param)
+    params = sampling_params(model, body)
+    stops = (*model.spec.stop, *body.stops)
+    limit = body.token_limit or model.spec.defaults.max_tokens
+    started = Started(body.model, model, [])
+    try:
+        for tokens in prompts:
+            room = model.n_ctx - len(tokens)
+            gen = Generation(
+                prompt=tokens,
+                params=params,
+                max_tokens=room if limit is None else min(limit, room),
+                stops=stops,
+            )
+            model.submit(gen)
+            started.generations.append(gen)
+    except BaseException:
+        started.cancel()  # all of a request's choices run, or none does
+        raise
+    return started

@@ -1,0 +1,171 @@
+"""Request bodies, validated once for every surface (REST and WebSocket).
+
+Unknown fields are ignored, as OpenAI's own server does; wrong types and out-of-range values are
+refused with a 400 that names the offending `param`.
+"""
+
+from __future__ import annotations
+
+from typing import Annotated, Any, Literal, TypeVar
+
+from pydantic import BaseModel, ConfigDict, Field, ValidationError, field_validator
+
+from thoxd.errors import InvalidRequest
+
+_Model = TypeVar("_Model", bound=BaseModel)
+
+# Large enough that "as many as fit" is always expressible; the context bounds it in practice.
+_MAX_TOKENS_BOUND = 1 << 31
+StopString = Annotated[str, Field(min_length=1, max_length=512)]
+
+
+class _Body(BaseModel):
+    model_config = ConfigDict(extra="ignore", strict=True, frozen=True)
+
+
+class TextPart(_Body):
+    type: Literal["text"]
+    text: str
+
+
+class ChatMessage(_Body):
+    role: Literal["system", "developer", "user", "assistant", "tool"]
+    content: str | list[TextPart] | None = None
+    name: str | None = None
+
+    def text(self) -> str:
+        if self.content is None:
+            return ""
+        if isinstance(self.content, str):
+            return self.content
+        return "".join(part.text for part in self.content)
+
+
+class StreamOptions(_Body):
+    include_usage: bool = False
+
+
+class GenerationBody(_Body):
+    """Fields shared by chat and text completions."""
+
+    model: str = Field(min_length=1, max_length=256)
+    max_tokens: int | None = Field(None, ge=1, le=_MAX_TOKENS_BOUND)
+    max_completion_tokens: int | None = Field(None, ge=1, le=_MAX_TOKENS_BOUND)
+    temperature: float | None = Field(None, ge=0.0, le=2.0)
+    top_p: float | None = Field(None, ge=0.0, le=1.0)
+    top_k: int | None = Field(None, ge=0, le=1000)
+    min_p: float | None = Field(None, ge=0.0, le=1.0)
+    presence_penalty: float = Field(0.0, ge=-2.0, le=2.0)
+    frequency_penalty: float = Field(0.0, ge=-2.0, le=2.0)
+    repeat_penalty: float | None = Field(None, gt=0.0, le=10.0)
+    stop: StopString | list[StopString] | None = None
+    seed: int | None = Field(None, ge=-(1 << 63), le=(1 << 64) - 1)
+    n: int = Field(1, ge=1, le=1)
+    user: str | None = Field(None, max_length=512)
+    stream: bool = False
+    stream_options: StreamOptions | None = None
+
+    @field_validator("stop")
+    @classmethod
+    def _at_most_four(cls, value: str | list[str] | None) -> str | list[str] | None:
+        if isinstance(value, list) and len(value) > 4:
+            raise ValueError("at most 4 stop sequences")
+        return value
+
+    @property
+    def stops(self) -> tuple[str, ...]:
+        if self.stop is None:
+            return ()
+        return (self.stop,) if isinstance(self.stop, str) else tuple(self.stop)
+
+    @property
+    def token_limit(self) -> int | None:
+        return self.max_completion_tokens or self.max_tokens
+
+    @property
+    def include_usage(self) -> bool:
+        return self.stream_options is not None and self.stream_options.include_usage
+
+
+class ChatRequest(GenerationBody):
+    messages: list[ChatMessage] = Field(min_length=1, max_length=4096)
+
+    def template_messages(self) -> list[dict[str, Any]]:
+        # "developer" is OpenAI's new name for "system".
+        return [
+            {"role": "system" if m.role == "developer" else m.role, "content": m.text()}
+            for m in self.messages
+        ]
+
+
+TokenList = Annotated[list[Annotated[int, Field(ge=0)]], Field(min_length=1)]
+PromptInput = str | list[str] | TokenList | list[TokenList]
+
+
+class CompletionRequest(GenerationBody):
+    prompt: PromptInput
+    echo: bool = False
+
+    @field_validator("prompt")
+    @classmethod
+    def _bounded(cls, value: PromptInput) -> PromptInput:
+        if isinstance(value, list) and (
+            len(value) == 0 or (len(value) > 64 and not isinstance(value[0], int))
+        ):
+            raise ValueError("give between 1 and 64 prompts")
+        return value
+
+
+class EmbeddingRequest(_Body):
+    model: str = Field(min_length=1, max_length=256)
+    input: PromptInput
+    encoding_format: Literal["float", "base64"] = "float"
+    user: str | None = Field(None, max_length=512)
+
+    @field_validator("input")
+    @classmethod
+    def _bounded(cls, value: PromptInput) -> PromptInput:
+        if isinstance(value, list) and (
+            len(value) == 0 or (len(value) > 2048 and not isinstance(value[0], int))
+        ):
+            raise ValueError("give between 1 and 2048 inputs")
+        return value
+
+
+def parse(model: type[_Model], data: bytes | dict[str, Any]) -> _Model:
+    """Validate a JSON body (bytes) or an already-decoded object into `model`."""
+    try:
+        if isinstance(data, bytes | bytearray):
+            return model.model_validate_json(data)
+        return model.model_validate(data)
+    except ValidationError as exc:
+        raise _as_invalid_request(exc) from None
+
+
+def _as_invalid_request(exc: ValidationError) -> InvalidRequest:
+    error = exc.errors(include_url=False, include_input=False)[0]
+    if error["type"] == "json_invalid":
+        return InvalidRequest("The request body is not valid JSON.", param=None)
+    if error["type"] == "model_type" and not error["loc"]:
+        return InvalidRequest("The request body must be a JSON object.", param=None)
+    param = _param_name(error["loc"])
+    if param == "n":
+        return InvalidRequest("Only n=1 is supported: send one request per choice.", param="n")
+    return InvalidRequest(f"Invalid value for '{param}': {error['msg']}.", param=param)
+
+
+_UNION_TAGS = {"str", "int"}
+_VALIDATOR_TAGS = ("function-", "constrained-")
+
+
+def _param_name(loc: tuple[int | str, ...]) -> str:
+    # Pydantic adds the union member's type name to `loc` ('prompt', 'str'); drop those.
+    name = ""
+    for part in loc:
+        if isinstance(part, int):
+            name += f"[{part}]"
+        elif "[" in part or part in _UNION_TAGS or part.startswith(_VALIDATOR_TAGS):
+            continue
+        else:
+            name += f".{part}" if name else part
+    return name or "body"

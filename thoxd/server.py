@@ -1,0 +1,38 @@
+"""Running the app under uvicorn, with thoxd's logging."""
+
+from __future__ import annotations
+
+import logging
+
+import uvicorn
+
+from thoxd.app import create_app
+from thoxd.settings import Settings
+
+logger = logging.getLogger("thoxd")
+
+
+def configure_logging(level: str) -> None:
+    logging.basicConfig(
+        level=level.upper(),
+        format="%(asctime)s %(levelname)-7s %(name)s: %(message)s",
+        datefmt="%H:%M:%S",
+    )
+
+
+def serve(settings: Settings) -> int:
+    app = create_app(settings)
+    config = uvicorn.Config(
+        app,
+        host=settings.host,
+        port=settings.port,
+        log_config=None,
+        access_log=False,
+        lifespan="on",
+        timeout_graceful_shutdown=10,
+    )
+    server = uvicorn.Server(config)
+    shown = "127.0.0.1" if settings.host in ("0.0.0.0", "::") else settings.host
+    logger.info("thoxd starting: OpenAI API at http://%s:%d/v1", shown, settings.port)
+    server.run()
+    return 0 if server.started else 1

@@ -1,0 +1,115 @@
+"""All of thoxd's settings, declared once, read once (in `__main__`) and passed down.
+
+Precedence: CLI flag > THOXD_* environment > TOML file (`--config`, or /etc/thoxd/thoxd.toml when
+present) > the defaults below. Every field carries a description (it becomes the `--help` text)
+and bounds (a bad value is refused before anything starts).
+"""
+
+from __future__ import annotations
+
+import os
+from collections.abc import Mapping
+from pathlib import Path
+from typing import Any, Literal
+
+from pydantic import Field
+from pydantic_settings import (
+    BaseSettings,
+    PydanticBaseSettingsSource,
+    SettingsConfigDict,
+    TomlConfigSettingsSource,
+)
+
+SYSTEM_CONFIG = Path("/etc/thoxd/thoxd.toml")
+
+
+def _default_state_dir() -> Path:
+    # systemd's StateDirectory= sets STATE_DIRECTORY; otherwise the XDG data home.
+    if state := os.environ.get("STATE_DIRECTORY"):
+        return Path(state.split(":")[0])
+    base = os.environ.get("XDG_DATA_HOME") or Path.home() / ".local" / "share"
+    return Path(base) / "thoxd"
+
+
+def _usable_cores() -> int:
+    # The cores this process may run on (cgroups and affinity), not the machine's total.
+    return len(os.sched_getaffinity(0))
+
+
+def _repo_catalog() -> Path:
+    return Path(__file__).resolve().parent.parent / "models.toml"
+
+
+class Settings(BaseSettings):
+    model_config = SettingsConfigDict(
+        env_prefix="THOXD_", extra="forbid", validate_default=True, frozen=True
+    )
+
+    host: str = Field("0.0.0.0", description="Address to listen on.", min_length=1)
+    port: int = Field(8080, ge=1, le=65535, description="TCP port to listen on.")
+    state_dir: Path = Field(
+        default_factory=_default_state_dir,
+        description="Where thoxd keeps its state (the install id, assembled models).",
+    )
+    models_dir: Path | None = Field(
+        None, description="Where model files live (default: STATE_DIR/models)."
+    )
+    catalog: Path = Field(
+        default_factory=_repo_catalog, description="The models.toml catalog to serve from."
+    )
+    default_model: str = Field(
+        "thox-coder",
+        min_length=1,
+        max_length=128,
+        description="Catalog id or alias of the model loaded at start.",
+    )
+    threads: int = Field(
+        default_factory=_usable_cores,
+        ge=1,
+        le=512,
+        description="CPU threads for llama.cpp (default: every usable core).",
+    )
+    slots: int = Field(
+        4, ge=1, le=64, description="Sequences decoded together per model (continuous batching)."
+    )
+    queue_size: int = Field(
+        16, ge=0, le=4096, description="Requests that may wait for a slot; past it, 503."
+    )
+    batch_size: int = Field(
+        512, ge=32, le=8192, description="Most tokens in one llama_decode (prefill chunk size)."
+    )
+    max_body_bytes: int = Field(
+        1 << 20, ge=1024, le=1 << 30, description="Largest request body accepted; past it, 413."
+    )
+    log_level: Literal["debug", "info", "warning", "error"] = Field(
+        "info", description="Log verbosity."
+    )
+
+    @property
+    def resolved_models_dir(self) -> Path:
+        return self.models_dir if self.models_dir is not None else self.state_dir / "models"
+
+    @classmethod
+    def settings_customise_sources(
+        cls,
+        settings_cls: type[BaseSettings],
+        init_settings: PydanticBaseSettingsSource,
+        env_settings: PydanticBaseSettingsSource,
+        dotenv_settings: PydanticBaseSettingsSource,
+        file_secret_settings: PydanticBaseSettingsSource,
+    ) -> tuple[PydanticBaseSettingsSource, ...]:
+        return init_settings, env_settings, TomlConfigSettingsSource(settings_cls)
+
+
+def load_settings(overrides: Mapping[str, Any], config_file: Path | None = None) -> Settings:
+    """Settings from CLI `overrides`, the environment and a TOML file, in that order."""
+    if config_file is None and SYSTEM_CONFIG.is_file():
+        config_file = SYSTEM_CONFIG
+    if config_file is not None and not config_file.is_file():
+        raise FileNotFoundError(f"config file not found: {config_file}")
+    sourced = type(
+        "Settings",
+        (Settings,),
+        {"model_config": SettingsConfigDict(**{**Settings.model_config, "toml_file": config_file})},
+    )
+    return Settings.model_validate(sourced(**overrides).model_dump())
