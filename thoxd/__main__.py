@@ -26,15 +26,23 @@ def _flag(name: str) -> str:
 
 
 def build_parser() -> argparse.ArgumentParser:
+    epilog = (
+        "Every serve flag can also be set as THOXD_<NAME> in the environment or in the "
+        "TOML config file (flag > environment > file > default)."
+    )
     parser = argparse.ArgumentParser(
         prog="thoxd",
         description="The daemon of a local LLM appliance: an OpenAI-compatible API on llama.cpp.",
-        epilog="Every serve flag can also be set as THOXD_<NAME> in the environment or in the "
-        "TOML config file (flag > environment > file > default).",
+        epilog=epilog,
     )
     parser.add_argument("--version", action="version", version=f"thoxd {__version__}")
     commands = parser.add_subparsers(dest="command", metavar="COMMAND")
-    serve = commands.add_parser("serve", help="run the daemon (the default command)")
+    serve = commands.add_parser(
+        "serve",
+        help="run the daemon (the default command)",
+        epilog=epilog,
+        description="Run the daemon. `serve` is the default command.",
+    )
     serve.add_argument(
         "--config",
         type=Path,
@@ -52,9 +60,8 @@ def build_parser() -> argparse.ArgumentParser:
 
 def main(argv: Sequence[str] | None = None) -> int:
     args_in = list(sys.argv[1:] if argv is None else argv)
-    if not args_in or (
-        args_in[0] not in COMMANDS and args_in[0] not in ("-h", "--help", "--version")
-    ):
+    # `serve` is the default command: `thoxd --port 9000` and `thoxd --help` mean serve's.
+    if not args_in or args_in[0] not in (*COMMANDS, "--version"):
         args_in.insert(0, "serve")
     args = build_parser().parse_args(args_in)
     overrides = {k: v for k, v in vars(args).items() if k in Settings.model_fields}

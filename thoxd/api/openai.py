@@ -100,14 +100,11 @@ class OpenAIRoutes:
             )
         collect = asyncio.ensure_future(self._collect(started, envelope))
         gone = asyncio.ensure_future(_until_disconnect(request.receive))
-        try:
-            await asyncio.wait({collect, gone}, return_when=asyncio.FIRST_COMPLETED)
-        finally:
-            gone.cancel()
-            if not collect.done():  # the client left: free its slots now
-                started.cancel()
-                collect.cancel()
-        if collect.cancelled():
+        await asyncio.wait({collect, gone}, return_when=asyncio.FIRST_COMPLETED)
+        gone.cancel()
+        if not collect.done():  # the client left: free its slots now; nobody reads an answer
+            started.cancel()
+            collect.cancel()
             return Response(status_code=499)
         return JSONResponse(collect.result())
 

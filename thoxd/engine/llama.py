@@ -202,12 +202,10 @@ class Batch:
         self.n_tokens = raw.n_tokens = i + 1
         return i
 
-    def add_sequence(self, tokens: Sequence[int], start: int, seq_id: int, *, last: bool) -> int:
-        """Append tokens at positions start.. on one sequence; logits for the final one if
-        `last`. Returns the batch index of the final token."""
+    def add_sequence(self, tokens: Sequence[int], start: int, seq_id: int) -> None:
+        """Append prompt tokens at positions start.. on one sequence, without logits."""
         for k, token in enumerate(tokens):
-            self.add(token, start + k, seq_id, logits=last and k == len(tokens) - 1)
-        return self.n_tokens - 1
+            self.add(token, start + k, seq_id, logits=False)
 
     @property
     def room(self) -> int:

@@ -23,7 +23,7 @@ from thoxd.engine.llama import (
 )
 from thoxd.engine.request import Generation
 from thoxd.engine.scheduler import Scheduler, SchedulerStats
-from thoxd.engine.templates import ChatTemplate
+from thoxd.engine.templates import ChatTemplate, TemplateInvalid
 from thoxd.errors import (
     ContextLengthExceeded,
     EngineFailure,
@@ -31,6 +31,7 @@ from thoxd.errors import (
     ThoxdError,
     UnsupportedCapability,
 )
+from thoxd.gguf import GGUFRejected, check_gguf
 from thoxd.modelfiles import ModelFileError, ensure_model_file
 
 logger = logging.getLogger("thoxd.engine")
@@ -81,13 +82,19 @@ class LoadedModel:
             name=spec.id,
         )
         self._embed_ctx: LlamaContext | None = None
-        source = spec.chat_template or self.llama.meta("tokenizer.chat_template")
-        self.template = (
-            ChatTemplate(source, bos_token="<bos>" if self.llama.add_bos else "")
-            if source
-            else None
-        )
+        self.template = self._chat_template()
         self.scheduler.start()
+
+    def _chat_template(self) -> ChatTemplate | None:
+        source = self.spec.chat_template or self.llama.meta("tokenizer.chat_template")
+        if not source:
+            return None
+        try:
+            return ChatTemplate(source, bos_token="<bos>" if self.llama.add_bos else "")
+        except TemplateInvalid as exc:
+            # The model still serves completions and embeddings; chat answers 400.
+            logger.warning("model %s: %s; chat is disabled", self.spec.id, exc)
+            return None
 
     # -- prompts ---------------------------------------------------------------------------
 
@@ -215,8 +222,10 @@ class Engine:
         try:
             self._start_backend()
             path = await asyncio.to_thread(ensure_model_file, spec, self.config.models_dir)
+            # Our own bounded header check before llama.cpp's C++ parser sees the file.
+            await asyncio.to_thread(check_gguf, path, root=self.config.models_dir)
             model = await asyncio.to_thread(LoadedModel, spec, path, self.config)
-        except (ModelFileError, LlamaLoadError) as exc:
+        except (ModelFileError, GGUFRejected, LlamaLoadError) as exc:
             self._errors[spec.id] = str(exc)
             logger.error("model %s failed to load: %s", spec.id, exc)
             raise EngineFailure(f"The model '{spec.id}' failed to load.") from None

@@ -35,16 +35,15 @@ class _Running:
     gen: Generation
     sampler: Sampler
     text: TextAssembler
-    prefilled: int  # prompt tokens already in the KV cache
+    # Prompt tokens still to prefill. The prompt's last token is never prefilled: it is decoded
+    # like a generated token, so its logits come from the same kernels whether or not the rest
+    # of the prompt was found in the cache (greedy output does not depend on cache hits).
+    pending: list[int]
+    last_token: int
     cache_n: int
     admitted_at: float
     first_token_at: float = 0.0
-    last_token: int = -1
     generated: int = 0
-
-    @property
-    def decoding(self) -> bool:
-        return self.prefilled == len(self.gen.prompt)
 
 
 @dataclass(eq=False)
@@ -196,7 +195,8 @@ class Scheduler:
             gen=gen,
             sampler=Sampler(gen.params, self._model.n_vocab),
             text=TextAssembler(gen.stops),
-            prefilled=keep,
+            pending=gen.prompt[keep:-1],
+            last_token=gen.prompt[-1],
             cache_n=keep,
             admitted_at=now,
         )
@@ -222,24 +222,19 @@ class Scheduler:
         for slot in running:
             run = slot.run
             assert run is not None
-            if run.decoding:
-                outputs.append(
-                    (slot, batch.add(run.last_token, len(slot.cached), slot.seq_id, logits=True))
-                )
+            if not run.pending:
+                index = batch.add(run.last_token, len(slot.cached), slot.seq_id, logits=True)
+                outputs.append((slot, index))
                 slot.cached.append(run.last_token)
         # Prefill in admission order, in chunks that fit what the batch has left, so a long
         # prompt shares steps with the streams already running instead of stalling them.
         for slot in sorted(running, key=lambda s: s.run.admitted_at if s.run else 0.0):
             run = slot.run
-            if run is None or run.decoding or batch.room == 0:
+            if run is None or not run.pending or batch.room == 0:
                 continue
-            chunk = run.gen.prompt[run.prefilled : run.prefilled + batch.room]
-            last = run.prefilled + len(chunk) == len(run.gen.prompt)
-            index = batch.add_sequence(chunk, len(slot.cached), slot.seq_id, last=last)
+            chunk, run.pending = run.pending[: batch.room], run.pending[batch.room :]
+            batch.add_sequence(chunk, len(slot.cached), slot.seq_id)
             slot.cached.extend(chunk)
-            run.prefilled += len(chunk)
-            if last:
-                outputs.append((slot, index))
         rc = self._ctx.decode(batch)
         if rc != 0:
             self._fail_batch(running, rc)
@@ -278,16 +273,17 @@ class Scheduler:
         first = run.first_token_at or now
         timings = Timings(
             cache_n=run.cache_n,
-            prompt_n=run.prefilled - run.cache_n,
+            prompt_n=len(run.gen.prompt) - run.cache_n,
             prompt_ms=(first - run.admitted_at) * 1000.0,
             predicted_n=run.generated,
             predicted_ms=(now - first) * 1000.0,
             queue_ms=(run.admitted_at - run.gen.submitted_at) * 1000.0,
         )
-        run.gen.push(Finished(reason, len(run.gen.prompt), run.generated, timings))
         run.sampler.close()
         slot.run = None
         slot.last_used = now
+        # Last: whoever reads Finished sees the slot already free.
+        run.gen.push(Finished(reason, len(run.gen.prompt), run.generated, timings))
 
     def _fail_batch(self, running: list[_Slot], rc: int) -> None:
         logger.error("llama_decode failed (rc=%d) for %d sequences", rc, len(running))
@@ -295,11 +291,11 @@ class Scheduler:
         for slot in running:
             run = slot.run
             assert run is not None
-            run.gen.push(Failed(error))
             run.sampler.close()
             slot.run = None
             self._ctx.seq_rm(slot.seq_id, -1)
             slot.cached.clear()
+            run.gen.push(Failed(error))
 
     def _abandon_all(self) -> None:
         error = ShuttingDown("The server is shutting down.")

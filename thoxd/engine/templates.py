@@ -19,24 +19,28 @@ from thoxd.errors import InvalidRequest
 GEMMA = (
     "{{ bos_token }}"
     "{%- if messages and messages[0].role == 'system' -%}"
-    "{%- set prefix = messages[0].content ~ '\n\n' -%}{%- set turns = messages[1:] -%}"
+    "{%- set prefix = messages[0].content ~ '\\n\\n' -%}{%- set turns = messages[1:] -%}"
     "{%- else -%}{%- set prefix = '' -%}{%- set turns = messages -%}{%- endif -%}"
     "{%- for m in turns -%}"
-    "<start_of_turn>{{ 'model' if m.role == 'assistant' else m.role }}\n"
-    "{{ (prefix if loop.first else '') ~ (m.content | trim) }}<end_of_turn>\n"
+    "{{ '<start_of_turn>' ~ ('model' if m.role == 'assistant' else m.role) ~ '\\n' }}"
+    "{{ (prefix if loop.first else '') ~ (m.content | trim) ~ '<end_of_turn>\\n' }}"
     "{%- endfor -%}"
-    "{%- if add_generation_prompt -%}<start_of_turn>model\n{%- endif -%}"
+    "{%- if add_generation_prompt -%}{{ '<start_of_turn>model\\n' }}{%- endif -%}"
 )
 
 # ChatML, for the many models that use it.
 CHATML = (
     "{%- for m in messages -%}"
-    "<|im_start|>{{ m.role }}\n{{ m.content }}<|im_end|>\n"
+    "{{ '<|im_start|>' ~ m.role ~ '\\n' ~ m.content ~ '<|im_end|>\\n' }}"
     "{%- endfor -%}"
-    "{%- if add_generation_prompt -%}<|im_start|>assistant\n{%- endif -%}"
+    "{%- if add_generation_prompt -%}{{ '<|im_start|>assistant\\n' }}{%- endif -%}"
 )
 
 BUILT_IN = {"gemma": GEMMA, "chatml": CHATML}
+
+
+class TemplateInvalid(Exception):
+    """A chat template that does not even compile (a catalog or model file problem)."""
 
 
 def _raise(message: str) -> None:
@@ -47,7 +51,10 @@ class ChatTemplate:
     def __init__(self, source: str, *, bos_token: str = "", eos_token: str = "") -> None:
         env = ImmutableSandboxedEnvironment(trim_blocks=True, lstrip_blocks=True)
         env.globals["raise_exception"] = _raise
-        self._template = env.from_string(BUILT_IN.get(source, source))
+        try:
+            self._template = env.from_string(BUILT_IN.get(source, source))
+        except TemplateError as exc:
+            raise TemplateInvalid(f"the chat template does not compile: {exc}") from None
         self._tokens = {"bos_token": bos_token, "eos_token": eos_token}
 
     def render(

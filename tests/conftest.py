@@ -1,0 +1,103 @@
+"""Shared fixtures: the real default model, and a real daemon on a free loopback port."""
+
+from __future__ import annotations
+
+import os
+import socket
+import subprocess
+import sys
+import time
+from collections.abc import Iterator
+from pathlib import Path
+
+import httpx
+import pytest
+
+from thoxd.catalog import Catalog, ModelSpec
+from thoxd.modelfiles import ensure_model_file
+
+REPO = Path(__file__).resolve().parent.parent
+
+
+@pytest.fixture(scope="session")
+def catalog() -> Catalog:
+    return Catalog.load(REPO / "models.toml")
+
+
+@pytest.fixture(scope="session")
+def default_spec(catalog: Catalog) -> ModelSpec:
+    return catalog.get("thox-coder")
+
+
+@pytest.fixture(scope="session")
+def models_dir(default_spec: ModelSpec) -> Path:
+    """The default model's GGUF, assembled once per machine into a test cache."""
+    root = Path(os.environ.get("THOXD_TEST_MODELS", Path.home() / ".cache" / "thoxd-test"))
+    ensure_model_file(default_spec, root)
+    return root
+
+
+@pytest.fixture(scope="session")
+def model_file(models_dir: Path, default_spec: ModelSpec) -> Path:
+    return models_dir / default_spec.path
+
+
+def free_port() -> int:
+    with socket.socket() as s:
+        s.bind(("127.0.0.1", 0))
+        return int(s.getsockname()[1])
+
+
+class Daemon:
+    """A real `thoxd serve` subprocess on loopback."""
+
+    def __init__(self, tmp: Path, models_dir: Path, *args: str) -> None:
+        self.port = free_port()
+        self.url = f"http://127.0.0.1:{self.port}"
+        self.log_path = tmp / f"thoxd-{self.port}.log"
+        self._log = self.log_path.open("w")
+        cmd = [
+            sys.executable, "-m", "thoxd", "serve",
+            "--host", "127.0.0.1", "--port", str(self.port),
+            "--state-dir", str(tmp / f"state-{self.port}"),
+            "--models-dir", str(models_dir),
+            *args,
+        ]  # fmt: skip
+        self.proc = subprocess.Popen(cmd, stdout=self._log, stderr=subprocess.STDOUT)
+
+    def wait_ready(self, timeout: float = 60.0) -> None:
+        deadline = time.monotonic() + timeout
+        while time.monotonic() < deadline:
+            if self.proc.poll() is not None:
+                raise RuntimeError(f"thoxd exited: {self.log()}")
+            try:
+                if httpx.get(self.url + "/health", timeout=1).status_code == 200:
+                    return
+            except httpx.TransportError:
+                pass
+            time.sleep(0.1)
+        raise TimeoutError(f"thoxd not ready: {self.log()}")
+
+    def log(self) -> str:
+        return self.log_path.read_text()[-4000:]
+
+    def stop(self) -> int:
+        self.proc.terminate()
+        try:
+            return self.proc.wait(20)
+        except subprocess.TimeoutExpired:
+            self.proc.kill()
+            return self.proc.wait()
+        finally:
+            self._log.close()
+
+
+@pytest.fixture(scope="session")
+def daemon(tmp_path_factory: pytest.TempPathFactory, models_dir: Path) -> Iterator[Daemon]:
+    # Two slots and a queue of two keep the overload tests small.
+    d = Daemon(tmp_path_factory.mktemp("daemon"), models_dir, "--slots", "2", "--queue-size", "2")
+    try:
+        d.wait_ready()
+        yield d
+    finally:
+        d.stop()

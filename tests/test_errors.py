@@ -1,0 +1,128 @@
+"""thoxd/errors.py: every error becomes one OpenAI envelope with the right status."""
+
+from __future__ import annotations
+
+import pytest
+
+from thoxd.errors import (
+    ContextLengthExceeded,
+    EngineFailure,
+    InvalidRequest,
+    ModelNotFound,
+    ModelNotReady,
+    NotFound,
+    PayloadTooLarge,
+    QueueFull,
+    ShuttingDown,
+    ThoxdError,
+    Unavailable,
+    UnsupportedCapability,
+)
+
+
+@pytest.mark.parametrize(
+    ("error", "status", "type_", "code"),
+    [
+        (ThoxdError("boom"), 500, "server_error", "internal_error"),
+        (InvalidRequest("bad", param="x"), 400, "invalid_request_error", "invalid_value"),
+        (ContextLengthExceeded(10, 5), 400, "invalid_request_error", "context_length_exceeded"),
+        (UnsupportedCapability("no"), 400, "invalid_request_error", "unsupported_capability"),
+        (NotFound("gone"), 404, "invalid_request_error", "not_found"),
+        (ModelNotFound("m"), 404, "invalid_request_error", "model_not_found"),
+        (PayloadTooLarge(1024), 413, "invalid_request_error", "payload_too_large"),
+        (Unavailable("later"), 503, "server_error", "unavailable"),
+        (QueueFull(3), 503, "server_error", "queue_full"),
+        (ModelNotReady("loading"), 503, "server_error", "model_loading"),
+        (ShuttingDown("bye"), 503, "server_error", "shutting_down"),
+        (EngineFailure("oops"), 500, "server_error", "engine_error"),
+    ],
+    ids=lambda v: type(v).__name__ if isinstance(v, ThoxdError) else None,
+)
+def test_status_type_and_code(error: ThoxdError, status: int, type_: str, code: str) -> None:
+    assert error.status == status
+    body = error.envelope()
+    assert body["error"]["type"] == type_
+    assert body["error"]["code"] == code
+
+
+def test_envelope_has_the_openai_shape() -> None:
+    body = InvalidRequest("temperature is out of range", param="temperature").envelope()
+    assert body == {
+        "error": {
+            "message": "temperature is out of range",
+            "type": "invalid_request_error",
+            "param": "temperature",
+            "code": "invalid_value",
+        }
+    }
+
+
+def test_param_defaults_to_none_and_message_is_the_exception_text() -> None:
+    error = EngineFailure("the engine stopped")
+    assert error.envelope()["error"]["param"] is None
+    assert str(error) == "the engine stopped"
+    assert isinstance(error, Exception)
+
+
+def test_context_length_exceeded_carries_token_counts() -> None:
+    error = ContextLengthExceeded(n_prompt_tokens=9000, n_ctx=8192)
+    assert isinstance(error, InvalidRequest)
+    inner = error.envelope()["error"]
+    assert inner["n_prompt_tokens"] == 9000
+    assert inner["n_ctx"] == 8192
+    assert inner["param"] == "messages"
+    assert "8192" in inner["message"]
+    assert "9000" in inner["message"]
+
+
+def test_context_length_exceeded_param_can_name_the_prompt() -> None:
+    error = ContextLengthExceeded(300, 256, param="prompt")
+    assert error.envelope()["error"]["param"] == "prompt"
+
+
+def test_queue_full_has_retry_after() -> None:
+    error = QueueFull(waiting=16)
+    assert error.headers == {"Retry-After": "1"}
+    assert "16" in error.message
+
+
+@pytest.mark.parametrize(("cls", "seconds"), [(ModelNotReady, "2"), (ShuttingDown, "5")])
+def test_other_unavailable_errors_have_their_own_retry_after(
+    cls: type[Unavailable], seconds: str
+) -> None:
+    assert cls("wait").headers == {"Retry-After": seconds}
+
+
+@pytest.mark.parametrize(
+    "error",
+    [InvalidRequest("x"), NotFound("x"), PayloadTooLarge(1), EngineFailure("x"), ThoxdError("x")],
+)
+def test_only_unavailable_errors_send_headers(error: ThoxdError) -> None:
+    assert error.headers == {}
+
+
+def test_model_not_found_names_the_model() -> None:
+    error = ModelNotFound("llama-9000")
+    inner = error.envelope()["error"]
+    assert "'llama-9000'" in inner["message"]
+    assert inner["param"] == "model"
+    assert isinstance(error, NotFound)
+
+
+def test_model_not_found_truncates_absurdly_long_names() -> None:
+    name = "x" * 10_000
+    message = ModelNotFound(name).message
+    assert "x" * 64 + "..." in message
+    assert "x" * 65 not in message
+    assert len(message) < 200
+
+
+def test_model_not_found_keeps_a_64_character_name_whole() -> None:
+    name = "a" * 64
+    message = ModelNotFound(name).message
+    assert f"'{name}'" in message
+    assert "..." not in message.split("GET")[0]
+
+
+def test_payload_too_large_states_the_limit() -> None:
+    assert "1048576 bytes" in PayloadTooLarge(1 << 20).message

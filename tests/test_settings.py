@@ -1,0 +1,171 @@
+"""thoxd/settings.py: CLI override > THOXD_* env > TOML file > default, with bounds."""
+
+from __future__ import annotations
+
+import os
+from pathlib import Path
+
+import pytest
+from pydantic import ValidationError
+
+import thoxd.settings
+from thoxd.settings import Settings, load_settings
+
+
+@pytest.fixture(autouse=True)
+def clean_environment(monkeypatch: pytest.MonkeyPatch, tmp_path: Path) -> None:
+    """No THOXD_* or systemd variables from the outside, and never /etc/thoxd/thoxd.toml."""
+    for name in list(os.environ):
+        if name.startswith("THOXD_"):
+            monkeypatch.delenv(name)
+    monkeypatch.delenv("STATE_DIRECTORY", raising=False)
+    monkeypatch.setenv("XDG_DATA_HOME", str(tmp_path / "xdg"))
+    monkeypatch.setattr(thoxd.settings, "SYSTEM_CONFIG", tmp_path / "no-system-config.toml")
+
+
+def write_toml(path: Path, text: str) -> Path:
+    path.write_text(text, encoding="utf-8")
+    return path
+
+
+def test_defaults(tmp_path: Path) -> None:
+    s = load_settings({})
+    assert s.host == "0.0.0.0"
+    assert s.port == 8080
+    assert s.slots == 4
+    assert s.default_model == "thox-coder"
+    assert s.log_level == "info"
+    assert s.threads == len(os.sched_getaffinity(0))
+    assert s.state_dir == tmp_path / "xdg" / "thoxd"
+    assert s.catalog.name == "models.toml"
+    assert s.catalog.is_file()
+
+
+def test_toml_file_beats_default(tmp_path: Path) -> None:
+    config = write_toml(tmp_path / "thoxd.toml", 'port = 9000\nslots = 3\nhost = "127.0.0.1"\n')
+    s = load_settings({}, config)
+    assert (s.port, s.slots, s.host) == (9000, 3, "127.0.0.1")
+
+
+def test_env_beats_toml_file(tmp_path: Path, monkeypatch: pytest.MonkeyPatch) -> None:
+    config = write_toml(tmp_path / "thoxd.toml", "port = 9000\nslots = 3\n")
+    monkeypatch.setenv("THOXD_PORT", "9100")
+    s = load_settings({}, config)
+    assert s.port == 9100
+    assert s.slots == 3  # not in the environment: the file still counts
+
+
+def test_cli_override_beats_env_and_file(tmp_path: Path, monkeypatch: pytest.MonkeyPatch) -> None:
+    config = write_toml(tmp_path / "thoxd.toml", "port = 9000\nqueue_size = 7\n")
+    monkeypatch.setenv("THOXD_PORT", "9100")
+    monkeypatch.setenv("THOXD_QUEUE_SIZE", "8")
+    s = load_settings({"port": "9200"}, config)
+    assert s.port == 9200
+    assert s.queue_size == 8
+
+
+def test_env_beats_default(monkeypatch: pytest.MonkeyPatch) -> None:
+    monkeypatch.setenv("THOXD_LOG_LEVEL", "debug")
+    monkeypatch.setenv("THOXD_MAX_BODY_BYTES", "4096")
+    s = load_settings({})
+    assert s.log_level == "debug"
+    assert s.max_body_bytes == 4096
+
+
+def test_system_config_is_read_when_present(
+    tmp_path: Path, monkeypatch: pytest.MonkeyPatch
+) -> None:
+    system = write_toml(tmp_path / "system.toml", "port = 9001\n")
+    monkeypatch.setattr(thoxd.settings, "SYSTEM_CONFIG", system)
+    assert load_settings({}).port == 9001
+    # An explicit --config replaces it.
+    other = write_toml(tmp_path / "other.toml", "slots = 2\n")
+    s = load_settings({}, other)
+    assert (s.port, s.slots) == (8080, 2)
+
+
+@pytest.mark.parametrize(
+    ("field", "value"),
+    [
+        ("port", 0),
+        ("port", 70000),
+        ("slots", 0),
+        ("slots", 65),
+        ("threads", 0),
+        ("max_body_bytes", 10),
+        ("log_level", "loud"),
+        ("host", ""),
+    ],
+)
+def test_out_of_bounds_override_is_refused(field: str, value: object) -> None:
+    with pytest.raises(ValidationError) as info:
+        load_settings({field: value})
+    assert info.value.errors()[0]["loc"] == (field,)
+
+
+def test_out_of_bounds_env_is_refused(monkeypatch: pytest.MonkeyPatch) -> None:
+    monkeypatch.setenv("THOXD_PORT", "0")
+    with pytest.raises(ValidationError) as info:
+        load_settings({})
+    assert info.value.errors()[0]["loc"] == ("port",)
+
+
+def test_out_of_bounds_toml_is_refused(tmp_path: Path) -> None:
+    config = write_toml(tmp_path / "thoxd.toml", "slots = 0\n")
+    with pytest.raises(ValidationError) as info:
+        load_settings({}, config)
+    assert info.value.errors()[0]["loc"] == ("slots",)
+
+
+def test_unknown_key_in_toml_is_refused(tmp_path: Path) -> None:
+    config = write_toml(tmp_path / "thoxd.toml", "port = 9000\nprot = 9001\n")
+    with pytest.raises(ValidationError) as info:
+        load_settings({}, config)
+    error = info.value.errors()[0]
+    assert error["loc"] == ("prot",)
+    assert error["type"] == "extra_forbidden"
+
+
+def test_missing_config_file_raises(tmp_path: Path) -> None:
+    with pytest.raises(FileNotFoundError, match="config file not found"):
+        load_settings({}, tmp_path / "absent.toml")
+
+
+def test_resolved_models_dir_defaults_to_state_dir(tmp_path: Path) -> None:
+    s = load_settings({"state_dir": str(tmp_path / "state")})
+    assert s.models_dir is None
+    assert s.resolved_models_dir == tmp_path / "state" / "models"
+
+
+def test_resolved_models_dir_follows_an_explicit_models_dir(tmp_path: Path) -> None:
+    s = load_settings({"state_dir": str(tmp_path / "state"), "models_dir": str(tmp_path / "m")})
+    assert s.resolved_models_dir == tmp_path / "m"
+
+
+def test_systemd_state_directory_sets_state_dir(
+    tmp_path: Path, monkeypatch: pytest.MonkeyPatch
+) -> None:
+    monkeypatch.setenv("STATE_DIRECTORY", f"{tmp_path}/lib/thoxd:{tmp_path}/other")
+    s = load_settings({})
+    assert s.state_dir == tmp_path / "lib" / "thoxd"
+    assert s.resolved_models_dir == tmp_path / "lib" / "thoxd" / "models"
+
+
+def test_thoxd_state_dir_beats_systemd_state_directory(
+    tmp_path: Path, monkeypatch: pytest.MonkeyPatch
+) -> None:
+    monkeypatch.setenv("STATE_DIRECTORY", str(tmp_path / "systemd"))
+    monkeypatch.setenv("THOXD_STATE_DIR", str(tmp_path / "explicit"))
+    assert load_settings({}).state_dir == tmp_path / "explicit"
+
+
+def test_settings_are_frozen() -> None:
+    s = load_settings({})
+    with pytest.raises(ValidationError):
+        s.port = 1  # type: ignore[misc]
+    assert isinstance(s, Settings)
+
+
+def test_every_field_has_a_description() -> None:
+    for name, field in Settings.model_fields.items():
+        assert field.description, name
