@@ -8,7 +8,14 @@ from __future__ import annotations
 
 from typing import Annotated, Any, Literal, TypeVar
 
-from pydantic import BaseModel, ConfigDict, Field, ValidationError, field_validator
+from pydantic import (
+    AfterValidator,
+    BaseModel,
+    ConfigDict,
+    Field,
+    ValidationError,
+    field_validator,
+)
 
 from thoxd.errors import InvalidRequest
 
@@ -102,34 +109,27 @@ TokenList = Annotated[list[Annotated[int, Field(ge=0)]], Field(min_length=1)]
 PromptInput = str | list[str] | TokenList | list[TokenList]
 
 
-class CompletionRequest(GenerationBody):
-    prompt: PromptInput
-    echo: bool = False
+def _at_most(most: int) -> AfterValidator:
+    """A prompt/input list holds 1..`most` items (a flat token list counts as one)."""
 
-    @field_validator("prompt")
-    @classmethod
-    def _bounded(cls, value: PromptInput) -> PromptInput:
-        if isinstance(value, list) and (
-            len(value) == 0 or (len(value) > 64 and not isinstance(value[0], int))
-        ):
-            raise ValueError("give between 1 and 64 prompts")
+    def check(value: PromptInput) -> PromptInput:
+        several = isinstance(value, list) and not (value and isinstance(value[0], int))
+        if several and not 1 <= len(value) <= most:
+            raise ValueError(f"give between 1 and {most} items")
         return value
+
+    return AfterValidator(check)
+
+
+class CompletionRequest(GenerationBody):
+    prompt: Annotated[PromptInput, _at_most(64)]
 
 
 class EmbeddingRequest(_Body):
     model: str = Field(min_length=1, max_length=256)
-    input: PromptInput
+    input: Annotated[PromptInput, _at_most(2048)]
     encoding_format: Literal["float", "base64"] = "float"
     user: str | None = Field(None, max_length=512)
-
-    @field_validator("input")
-    @classmethod
-    def _bounded(cls, value: PromptInput) -> PromptInput:
-        if isinstance(value, list) and (
-            len(value) == 0 or (len(value) > 2048 and not isinstance(value[0], int))
-        ):
-            raise ValueError("give between 1 and 2048 inputs")
-        return value
 
 
 def parse(model: type[_Model], data: bytes | dict[str, Any]) -> _Model:

@@ -32,7 +32,13 @@ def serve(settings: Settings) -> int:
         timeout_graceful_shutdown=10,
     )
     server = uvicorn.Server(config)
-    shown = "127.0.0.1" if settings.host in ("0.0.0.0", "::") else settings.host
-    logger.info("thoxd starting: OpenAI API at http://%s:%d/v1", shown, settings.port)
+    everywhere = settings.host in ("0.0.0.0", "::")
+    shown = "127.0.0.1" if everywhere else settings.host
+    logger.info(
+        "thoxd starting: OpenAI API at http://%s:%d/v1%s",
+        shown,
+        settings.port,
+        " (and on every LAN address of this machine)" if everywhere else "",
+    )
     server.run()
     return 0 if server.started else 1
