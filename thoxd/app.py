@@ -20,6 +20,7 @@ from thoxd.engine.runtime import Engine, EngineConfig
 from thoxd.errors import InvalidRequest, NotFound, ThoxdError
 from thoxd.middleware import BodyLimitMiddleware
 from thoxd.settings import Settings
+from thoxd.stream import StreamRoutes
 
 logger = logging.getLogger("thoxd")
 
@@ -76,6 +77,7 @@ def create_app(
         routes=[
             *OpenAIRoutes(engine).routes(),
             *SystemRoutes(engine, settings.default_model).routes(),
+            *StreamRoutes(engine, settings).routes(),
         ],
         middleware=[Middleware(BodyLimitMiddleware, max_body_bytes=settings.max_body_bytes)],
         exception_handlers={

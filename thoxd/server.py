@@ -30,6 +30,12 @@ def serve(settings: Settings) -> int:
         access_log=False,
         lifespan="on",
         timeout_graceful_shutdown=10,
+        # Explicit, so a fallback implementation cannot drop keepalive: a peer that stops
+        # answering pings is closed, which cancels everything it started.
+        ws="websockets-sansio",
+        ws_max_size=settings.max_body_bytes,
+        ws_ping_interval=20.0,
+        ws_ping_timeout=20.0,
     )
     server = uvicorn.Server(config)
     everywhere = settings.host in ("0.0.0.0", "::")

@@ -10,11 +10,12 @@ from __future__ import annotations
 import os
 from collections.abc import Mapping
 from pathlib import Path
-from typing import Any, Literal
+from typing import Annotated, Any, Literal
 
-from pydantic import Field
+from pydantic import BeforeValidator, Field
 from pydantic_settings import (
     BaseSettings,
+    NoDecode,
     PydanticBaseSettingsSource,
     SettingsConfigDict,
     TomlConfigSettingsSource,
@@ -38,6 +39,20 @@ def _usable_cores() -> int:
 
 def _repo_catalog() -> Path:
     return Path(__file__).resolve().parent.parent / "models.toml"
+
+
+def _comma_list(value: Any) -> Any:
+    # A flag or THOXD_* variable gives "a,b"; the TOML file gives a list.
+    if isinstance(value, str):
+        return [part.strip() for part in value.split(",") if part.strip()]
+    return value
+
+
+# scheme://host[:port]; "null" (pages opened from files, sandboxed frames) or "*" (any origin)
+Origin = Annotated[
+    str,
+    Field(min_length=1, max_length=256, pattern=r"^(\*|null|[A-Za-z][A-Za-z0-9+.-]*://[^/\s]+/?)$"),
+]
 
 
 class Settings(BaseSettings):
@@ -80,6 +95,13 @@ class Settings(BaseSettings):
     )
     max_body_bytes: int = Field(
         1 << 20, ge=1024, le=1 << 30, description="Largest request body accepted; past it, 413."
+    )
+    allowed_origins: Annotated[list[Origin], NoDecode, BeforeValidator(_comma_list)] = Field(
+        default_factory=list,
+        max_length=64,
+        description="Web origins (scheme://host[:port], comma-separated; 'null' for pages opened "
+        "from files, '*' for any) besides the device itself whose pages may open the /v1/stream "
+        "WebSocket; other browser origins are refused.",
     )
     log_level: Literal["debug", "info", "warning", "error"] = Field(
         "info", description="Log verbosity."

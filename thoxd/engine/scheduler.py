@@ -170,14 +170,14 @@ class Scheduler:
         return any(s.run is not None for s in self._slots)
 
     def _take_admissible(self) -> list[Generation]:
+        # A cancelled request leaves the queue at once, even while every slot is busy.
+        for gen in [g for g in self._waiting if g.cancelled]:
+            self._waiting.remove(gen)
+            gen.push(Finished("cancelled", len(gen.prompt), 0, Timings()))
         idle = sum(1 for s in self._slots if s.run is None)
         taken: list[Generation] = []
         while self._waiting and len(taken) < idle:
-            gen = self._waiting.popleft()
-            if gen.cancelled:
-                gen.push(Finished("cancelled", len(gen.prompt), 0, Timings()))
-            else:
-                taken.append(gen)
+            taken.append(self._waiting.popleft())
         return taken
 
     def _admit(self, gen: Generation) -> None:
