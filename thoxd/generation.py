@@ -95,6 +95,7 @@ def _submit(
         model.check_fits(len(tokens), param)
     params = sampling_params(model, body)
     stops = (*model.spec.stop, *body.stops)
+    stop_tokens = model.stop_tokens(stops)
     limit = body.token_limit or model.spec.defaults.max_tokens
     started = Started(body.model, model, [])
     try:
@@ -105,6 +106,7 @@ def _submit(
                 params=params,
                 max_tokens=room if limit is None else min(limit, room),
                 stops=stops,
+                stop_tokens=stop_tokens,
             )
             model.submit(gen)
             started.generations.append(gen)

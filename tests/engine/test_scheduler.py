@@ -168,3 +168,27 @@ def test_embeddings_are_normalised_and_meaningful(model: LoadedModel) -> None:
     assert sum(v * v for v in a) == pytest.approx(1.0, abs=1e-3)
     dot = lambda x, y: sum(p * q for p, q in zip(x, y, strict=True))  # noqa: E731
     assert dot(a, b) > dot(a, c)
+
+
+def test_a_special_token_stop_string_stops_on_the_token(model: LoadedModel) -> None:
+    """Control tokens render as no text, so "<start_of_turn>" must stop by token id."""
+    special = model.stop_tokens(["<start_of_turn>", "plain text"])
+    assert special == {model.llama.tokenize("<start_of_turn>", add_special=False)[0]}
+
+    # The mechanism: a stop token ends the generation before it is emitted or counted.
+    first_piece, _ = asyncio.run(_run(model, "The capital of France is", max_tokens=1))
+    (first_token,) = model.llama.tokenize(first_piece, add_special=False)
+
+    async def scenario() -> tuple[str, Finished]:
+        prompt = model.llama.tokenize("The capital of France is", add_special=True)
+        gen = Generation(
+            prompt=prompt, params=GREEDY, max_tokens=8, stop_tokens=frozenset({first_token})
+        )
+        model.submit(gen)
+        events = [e async for e in gen.events()]
+        final = events[-1]
+        assert isinstance(final, Finished)
+        return "".join(e.text for e in events if isinstance(e, Delta)), final
+
+    text, final = asyncio.run(scenario())
+    assert (text, final.finish_reason, final.completion_tokens) == ("", "stop", 0)

@@ -78,6 +78,9 @@ class Generation:
     params: SamplingParams
     max_tokens: int
     stops: tuple[str, ...] = ()
+    # Stop strings that are one special token (e.g. "<start_of_turn>"): control tokens render
+    # as no text, so they are matched by id.
+    stop_tokens: frozenset[int] = frozenset()
     number: int = field(default_factory=lambda: next(_ids))
     cancelled: bool = False
     submitted_at: float = field(default_factory=time.monotonic)

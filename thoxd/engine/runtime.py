@@ -110,6 +110,15 @@ class LoadedModel:
             return self.llama.tokenize(text, add_special=add_special)
         return await asyncio.to_thread(self.llama.tokenize, text, add_special=add_special)
 
+    def stop_tokens(self, stops: Sequence[str]) -> frozenset[int]:
+        """The stop strings that are a single special token, as token ids."""
+        ids = set()
+        for stop in stops:
+            tokens = self.llama.tokenize(stop, add_special=False, parse_special=True)
+            if len(tokens) == 1 and not self.llama.piece(tokens[0]):
+                ids.add(tokens[0])
+        return frozenset(ids)
+
     def check_fits(self, n_prompt: int, param: str) -> None:
         """A prompt must leave room for at least one generated token."""
         if n_prompt + 1 > self.n_ctx:

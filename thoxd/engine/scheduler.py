@@ -248,7 +248,7 @@ class Scheduler:
         token = run.sampler.sample(self._ctx, index)
         if not run.first_token_at:
             run.first_token_at = time.monotonic()
-        if self._model.is_eog(token):
+        if self._model.is_eog(token) or token in run.gen.stop_tokens:
             self._finish(slot, "stop")
             return
         run.generated += 1
