@@ -10,6 +10,7 @@ from pathlib import Path
 import pytest
 
 from thoxd.catalog import ModelSpec
+from thoxd.engine.llama import route_llama_logs
 from thoxd.engine.request import Delta, Failed, Finished, Generation
 from thoxd.engine.runtime import EngineConfig, LoadedModel
 from thoxd.engine.sampling import SamplingParams
@@ -19,6 +20,8 @@ GREEDY = SamplingParams(temperature=0.0)
 
 
 def _load(spec: ModelSpec, model_file: Path, models_dir: Path, **kw: int) -> LoadedModel:
+    # As in the daemon: llama.cpp logs through our router, also while contexts are freed.
+    route_llama_logs()
     config = EngineConfig(
         models_dir=models_dir,
         threads=2,
@@ -192,3 +195,7 @@ def test_a_special_token_stop_string_stops_on_the_token(model: LoadedModel) -> N
 
     text, final = asyncio.run(scenario())
     assert (text, final.finish_reason, final.completion_tokens) == ("", "stop", 0)
+
+
+def test_log_router_is_one_per_process() -> None:
+    assert route_llama_logs() is route_llama_logs()

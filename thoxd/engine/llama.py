@@ -7,6 +7,7 @@ once; callers above deal in Python ints, bytes and lists, never in ctypes.
 from __future__ import annotations
 
 import ctypes
+import functools
 import logging
 import math
 from collections.abc import Sequence
@@ -26,8 +27,9 @@ _LOG_CONT = 5
 class LlamaLogRouter:
     """Routes llama.cpp's log lines into `logging` instead of stderr.
 
-    llama.cpp's log callback is process-wide; the router keeps the ctypes callback alive for as
-    long as it is installed (a collected callback would crash the process).
+    llama.cpp's log callback is process-wide and is called from any context, even while one is
+    being freed, so the router must outlive them all: use `route_llama_logs()`, which installs
+    one router for the life of the process (a collected ctypes callback crashes the process).
     """
 
     def __init__(self) -> None:
@@ -46,6 +48,14 @@ class LlamaLogRouter:
             line, self._buffer = self._buffer.rstrip(), ""
             if line:
                 logger.log(self._level, "%s", line)
+
+
+@functools.cache
+def route_llama_logs() -> LlamaLogRouter:
+    """Install the process's one log router (idempotent)."""
+    router = LlamaLogRouter()
+    router.install()
+    return router
 
 
 class LlamaLoadError(Exception):

@@ -17,9 +17,9 @@ from thoxd.engine.llama import (
     ContextConfig,
     LlamaContext,
     LlamaLoadError,
-    LlamaLogRouter,
     LlamaModel,
     backend_init,
+    route_llama_logs,
 )
 from thoxd.engine.request import Generation
 from thoxd.engine.scheduler import Scheduler, SchedulerStats
@@ -186,12 +186,11 @@ class Engine:
         self._loaded: dict[str, LoadedModel] = {}
         self._loading: dict[str, asyncio.Task[LoadedModel]] = {}
         self._errors: dict[str, str] = {}
-        self._log_router = LlamaLogRouter()
         self._started = False
 
     def _start_backend(self) -> None:
         if not self._started:
-            self._log_router.install()
+            route_llama_logs()
             backend_init()
             self._started = True
 
