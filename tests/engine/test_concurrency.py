@@ -1,0 +1,156 @@
+"""Many requests at once on the real model: parameters stay per request, failures and cancels
+stay contained, and nothing is left holding a slot."""
+
+from __future__ import annotations
+
+import asyncio
+import random
+from collections.abc import Callable, Iterator
+from pathlib import Path
+
+import pytest
+
+from thoxd.catalog import ModelSpec
+from thoxd.engine.llama import route_llama_logs
+from thoxd.engine.request import Delta, Failed, Finished, Generation
+from thoxd.engine.runtime import EngineConfig, LoadedModel
+from thoxd.engine.sampling import SamplingParams
+
+GREEDY = SamplingParams(temperature=0.0)
+COUNTING = "1, 2, 3, 4, 5, 6, 7, 8,"
+
+
+@pytest.fixture(scope="module")
+def model(default_spec: ModelSpec, model_file: Path, models_dir: Path) -> Iterator[LoadedModel]:
+    route_llama_logs()
+    config = EngineConfig(models_dir=models_dir, threads=2, slots=4, queue_size=16, batch_size=512)
+    m = LoadedModel(default_spec, model_file, config)
+    yield m
+    m.close()
+
+
+def _gen(model: LoadedModel, prompt: str, **kw: object) -> Generation:
+    return Generation(
+        prompt=model.llama.tokenize(prompt, add_special=True),
+        params=kw.pop("params", GREEDY),  # type: ignore[arg-type]
+        max_tokens=kw.pop("max_tokens", 16),  # type: ignore[arg-type]
+        stops=kw.pop("stops", ()),  # type: ignore[arg-type]
+    )
+
+
+async def _collect(gen: Generation) -> tuple[str, Finished]:
+    parts: list[str] = []
+    async for event in gen.events():
+        if isinstance(event, Delta):
+            parts.append(event.text)
+        elif isinstance(event, Failed):
+            raise event.error
+        else:
+            return "".join(parts), event
+    raise AssertionError("no Finished")
+
+
+async def _run_all(
+    model: LoadedModel, make: Callable[[], list[Generation]]
+) -> list[tuple[str, Finished]]:
+    gens = make()  # inside the loop: a Generation belongs to the loop that reads it
+    for gen in gens:
+        model.submit(gen)
+    return list(await asyncio.gather(*(_collect(g) for g in gens)))
+
+
+def test_parameters_never_leak_between_slots(model: LoadedModel) -> None:
+    sampled = SamplingParams(temperature=1.0, top_k=0, top_p=1.0, min_p=0.0, seed=7)
+
+    def batch() -> list[Generation]:
+        return [
+            _gen(model, COUNTING, max_tokens=5),
+            _gen(model, COUNTING, max_tokens=40, stops=(" 12,",)),
+            _gen(model, "Once upon a time", max_tokens=12, params=sampled),
+            _gen(model, "The weather today", max_tokens=9,
+                 params=SamplingParams(temperature=0.0, repeat_penalty=1.8)),
+        ]  # fmt: skip
+
+    first = asyncio.run(_run_all(model, batch))
+    (a, fa), (b, fb), (c, fc), (_d, fd) = first
+    assert (fa.finish_reason, fa.completion_tokens) == ("length", 5)
+    assert fb.finish_reason == "stop" and " 12," not in b and b.strip().startswith("9")
+    assert (fc.finish_reason, fc.completion_tokens) == ("length", 12)
+    assert fd.completion_tokens == 9
+    assert a and c
+    # The same requests under the same load give the same texts: nothing carried over.
+    again = asyncio.run(_run_all(model, batch))
+    assert [t for t, _ in again] == [t for t, _ in first]
+
+
+def test_an_overflowing_request_does_not_disturb_the_others(model: LoadedModel) -> None:
+    async def scenario() -> list[tuple[str, Finished]]:
+        gens = [_gen(model, COUNTING, max_tokens=20) for _ in range(2)]
+        for gen in gens:
+            model.submit(gen)
+        # An oversized prompt is refused before it ever reaches a slot.
+        with pytest.raises(Exception, match="maximum context length"):
+            model.check_fits(model.n_ctx + 10, "prompt")
+        return list(await asyncio.gather(*(_collect(g) for g in gens)))
+
+    results = asyncio.run(scenario())
+    assert [f.completion_tokens for _, f in results] == [20, 20]
+    assert results[0][0] == results[1][0]
+
+
+def test_cancel_storm_leaves_no_slot_stuck(model: LoadedModel) -> None:
+    rng = random.Random(1)
+
+    async def scenario() -> list[str]:
+        gens = [_gen(model, COUNTING, max_tokens=400) for _ in range(12)]
+        for gen in gens:
+            model.submit(gen)
+
+        async def drop_later(gen: Generation) -> str:
+            await asyncio.sleep(rng.uniform(0.0, 0.6))
+            gen.cancel()
+            finals = [e async for e in gen.events() if isinstance(e, Finished)]
+            return finals[0].finish_reason
+
+        return list(await asyncio.gather(*(drop_later(g) for g in gens)))
+
+    reasons = asyncio.run(scenario())
+    assert reasons == ["cancelled"] * 12
+    stats = model.stats()
+    assert (stats.running, stats.waiting) == (0, 0)
+    text, fin = asyncio.run(_collect_one(model))
+    assert fin.completion_tokens == 4 and text
+
+
+async def _collect_one(model: LoadedModel) -> tuple[str, Finished]:
+    gen = _gen(model, COUNTING, max_tokens=4)
+    model.submit(gen)
+    return await _collect(gen)
+
+
+def test_long_prompt_is_prefilled_in_chunks_beside_running_streams(model: LoadedModel) -> None:
+    """A 2 000-token prompt arriving mid-stream: the running stream keeps getting tokens while
+    it is prefilled (chunks share steps with decoding) and the newcomer still answers."""
+
+    async def scenario() -> tuple[int, Finished]:
+        running = _gen(model, COUNTING, max_tokens=200)
+        model.submit(running)
+        events = running.events()
+        await anext(events)
+        long_prompt = model.llama.tokenize("hello world " * 1000, add_special=True)
+        assert len(long_prompt) > 1900
+        newcomer = Generation(prompt=long_prompt, params=GREEDY, max_tokens=4)
+        model.submit(newcomer)
+        deltas_meanwhile = 0
+        newcomer_done = asyncio.ensure_future(_collect(newcomer))
+        async for event in events:
+            if newcomer_done.done():
+                break
+            deltas_meanwhile += isinstance(event, Delta)
+        running.cancel()
+        return deltas_meanwhile, (await newcomer_done)[1]
+
+    deltas, fin = asyncio.run(scenario())
+    # 2 000 tokens in 512-token chunks take at least four steps, each also decoding the stream.
+    assert deltas >= 3
+    assert fin.timings.prompt_n + fin.timings.cache_n == fin.prompt_tokens
