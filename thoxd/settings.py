@@ -91,7 +91,11 @@ class Settings(BaseSettings):
         16, ge=0, le=4096, description="Requests that may wait for a slot; past it, 503."
     )
     batch_size: int = Field(
-        512, ge=32, le=8192, description="Most tokens in one llama_decode (prefill chunk size)."
+        256,
+        ge=32,
+        le=8192,
+        description="Most tokens in one llama_decode: the prefill chunk that shares a step "
+        "with running streams (256 halves their worst stall against 512, same prefill speed).",
     )
     max_body_bytes: int = Field(
         1 << 20, ge=1024, le=1 << 30, description="Largest request body accepted; past it, 413."
