@@ -182,11 +182,15 @@ class Scheduler:
 
     def _admit(self, gen: Generation) -> None:
         now = time.monotonic()
+        # The idle slot sharing the longest prefix; among equals, the least recently used, so
+        # the caches most likely to be asked for again survive longest.
         idle = [s for s in self._slots if s.run is None]
-        slot = max(idle, key=lambda s: (_common_prefix(s.cached, gen.prompt), -s.last_used))
-        # Keep the shared prefix, but always re-evaluate the prompt's last token: its logits
-        # are where the first new token comes from.
-        keep = min(_common_prefix(slot.cached, gen.prompt), len(gen.prompt) - 1)
+        shared, _, index = max(
+            (_common_prefix(s.cached, gen.prompt), -s.last_used, i) for i, s in enumerate(idle)
+        )
+        slot = idle[index]
+        # The prompt's last token is always decoded anew (see _Running.pending).
+        keep = min(shared, len(gen.prompt) - 1)
         if keep < len(slot.cached) and not self._ctx.seq_rm(slot.seq_id, keep):
             self._ctx.seq_rm(slot.seq_id, -1)
             keep = 0
