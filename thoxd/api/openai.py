@@ -30,6 +30,7 @@ from thoxd.schemas import (
     GenerationBody,
     parse,
 )
+from thoxd.shutdown import Shutdown, shutting_down
 
 SSE_HEADERS = {"Cache-Control": "no-cache", "X-Accel-Buffering": "no"}
 
@@ -65,8 +66,9 @@ async def _until_disconnect(receive: Receive) -> None:
 
 
 class OpenAIRoutes:
-    def __init__(self, engine: Engine) -> None:
+    def __init__(self, engine: Engine, shutdown: Shutdown | None = None) -> None:
         self.engine = engine
+        self.shutdown = shutdown or Shutdown()
 
     def routes(self) -> list[Route]:
         return [
@@ -100,7 +102,8 @@ class OpenAIRoutes:
             )
         collect = asyncio.ensure_future(self._collect(started, envelope))
         gone = asyncio.ensure_future(_until_disconnect(request.receive))
-        await asyncio.wait({collect, gone}, return_when=asyncio.FIRST_COMPLETED)
+        with self.shutdown.on_end(started.cancel):  # past the grace period: 503 shutting_down
+            await asyncio.wait({collect, gone}, return_when=asyncio.FIRST_COMPLETED)
         gone.cancel()
         if not collect.done():  # the client left: free its slots now; nobody reads an answer
             started.cancel()
@@ -118,6 +121,8 @@ class OpenAIRoutes:
             elif isinstance(event, Failed):
                 started.cancel()
                 raise event.error
+            elif event.finish_reason == "cancelled" and self.shutdown.ended:
+                raise shutting_down()
             else:
                 finished[index] = event
         done = [f for f in finished if f is not None]
@@ -127,27 +132,33 @@ class OpenAIRoutes:
         self, started: Started, envelope: Envelope, include_usage: bool
     ) -> AsyncIterator[str]:
         finished: list[Finished] = []
-        try:
-            if envelope.chat:
-                for index in range(len(started.generations)):
-                    yield _sse_data(envelope.chunk(index, "", role=True))
-            async for index, event in merged_events(started):
-                if isinstance(event, Delta):
-                    yield _sse_data(envelope.chunk(index, event.text))
-                elif isinstance(event, Failed):
-                    yield _sse_data(event.error.envelope())
-                    return
-                else:
-                    finished.append(event)
-                    last = envelope.chunk(index, None, event.finish_reason)
-                    last["timings"] = event.timings.as_dict()
-                    yield _sse_data(last)
-            if include_usage:
-                yield _sse_data(envelope.usage_chunk(finished))
-            yield "data: [DONE]\n\n"
-        finally:
-            # Runs when the client disconnects too: the slots are freed within one step.
-            started.cancel()
+        # Past the shutdown's grace period the generations are cancelled, and the stream ends
+        # with a shutting_down error event instead of its last chunk.
+        with self.shutdown.on_end(started.cancel):
+            try:
+                if envelope.chat:
+                    for index in range(len(started.generations)):
+                        yield _sse_data(envelope.chunk(index, "", role=True))
+                async for index, event in merged_events(started):
+                    if isinstance(event, Delta):
+                        yield _sse_data(envelope.chunk(index, event.text))
+                    elif isinstance(event, Failed):
+                        yield _sse_data(event.error.envelope())
+                        return
+                    elif event.finish_reason == "cancelled" and self.shutdown.ended:
+                        yield _sse_data(shutting_down().envelope())
+                        return
+                    else:
+                        finished.append(event)
+                        last = envelope.chunk(index, None, event.finish_reason)
+                        last["timings"] = event.timings.as_dict()
+                        yield _sse_data(last)
+                if include_usage:
+                    yield _sse_data(envelope.usage_chunk(finished))
+                yield "data: [DONE]\n\n"
+            finally:
+                # Runs when the client disconnects too: the slots are freed within one step.
+                started.cancel()
 
     # -- embeddings ------------------------------------------------------------------------
 

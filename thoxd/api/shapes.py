@@ -2,6 +2,7 @@
 
 from __future__ import annotations
 
+import json
 import secrets
 import time
 from typing import Any
@@ -10,6 +11,7 @@ from thoxd import __version__
 from thoxd.engine.request import Finished
 
 FINGERPRINT = f"thoxd-{__version__}"
+_MARK = "\x00thoxd\x00"  # stands for the text while a chunk template is encoded
 
 
 def new_id(prefix: str) -> str:
@@ -46,6 +48,7 @@ class Envelope:
         self.chat = chat
         self.model = model
         self.created = int(time.time())
+        self._delta_templates: dict[int, tuple[str, str]] = {}
 
     def _head(self, object_name: str) -> dict[str, Any]:
         return {
@@ -96,6 +99,16 @@ class Envelope:
         choice["finish_reason"] = finish_reason
         obj = "chat.completion.chunk" if self.chat else "text_completion"
         return {**self._head(obj), "choices": [choice]}
+
+    def delta_event(self, index: int, text: str) -> str:
+        """`data: <chunk>` for one token's text: the chunk's fixed parts are encoded once per
+        response and only the text per token (this runs for every token streamed)."""
+        halves = self._delta_templates.get(index)
+        if halves is None:
+            encoded = json.dumps(self.chunk(index, _MARK), separators=(",", ":"))
+            head, tail = encoded.split(json.dumps(_MARK), 1)
+            halves = self._delta_templates[index] = (f"data: {head}", f"{tail}\n\n")
+        return halves[0] + json.dumps(text) + halves[1]
 
     def usage_chunk(self, finished: list[Finished]) -> dict[str, Any]:
         obj = "chat.completion.chunk" if self.chat else "text_completion"
