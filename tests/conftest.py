@@ -7,7 +7,7 @@ import socket
 import subprocess
 import sys
 import time
-from collections.abc import Iterator
+from collections.abc import Iterator, Mapping, Sequence
 from pathlib import Path
 
 import httpx
@@ -51,19 +51,29 @@ def free_port() -> int:
 class Daemon:
     """A real `thoxd serve` subprocess on loopback."""
 
-    def __init__(self, tmp: Path, models_dir: Path, *args: str) -> None:
+    def __init__(
+        self,
+        tmp: Path,
+        models_dir: Path,
+        *args: str,
+        env: Mapping[str, str] | None = None,
+        wrapper: Sequence[str] = (),
+    ) -> None:
+        """`env` is added to this process's environment; `wrapper` comes before the command
+        (it must exec it, so that the process id stays the daemon's)."""
         self.port = free_port()
         self.url = f"http://127.0.0.1:{self.port}"
         self.log_path = tmp / f"thoxd-{self.port}.log"
         self._log = self.log_path.open("w")
         cmd = [
-            sys.executable, "-m", "thoxd", "serve",
+            *wrapper, sys.executable, "-m", "thoxd", "serve",
             "--host", "127.0.0.1", "--port", str(self.port),
             "--state-dir", str(tmp / f"state-{self.port}"),
             "--models-dir", str(models_dir),
             *args,
         ]  # fmt: skip
-        self.proc = subprocess.Popen(cmd, stdout=self._log, stderr=subprocess.STDOUT)
+        environ = {**os.environ, **(env or {})}
+        self.proc = subprocess.Popen(cmd, stdout=self._log, stderr=subprocess.STDOUT, env=environ)
 
     def wait_ready(self, timeout: float = 60.0) -> None:
         deadline = time.monotonic() + timeout

@@ -16,11 +16,22 @@ from starlette.responses import JSONResponse, Response
 from thoxd.api.openai import OpenAIRoutes
 from thoxd.api.system import SystemRoutes
 from thoxd.catalog import Catalog
+from thoxd.discovery import Discovery
 from thoxd.engine.runtime import Engine, EngineConfig
 from thoxd.errors import InvalidRequest, NotFound, ThoxdError
+from thoxd.metrics import Metrics, MetricsMiddleware
 from thoxd.middleware import BodyLimitMiddleware
+from thoxd.security import (
+    BodyTimeoutMiddleware,
+    HostNames,
+    LanGuard,
+    cors_middleware,
+    default_names,
+)
 from thoxd.settings import Settings
+from thoxd.shutdown import Shutdown, ShutdownGate
 from thoxd.stream import StreamRoutes
+from thoxd.system import SystemSampler
 
 logger = logging.getLogger("thoxd")
 
@@ -47,7 +58,12 @@ async def _unexpected(request: Request, exc: Exception) -> Response:
 
 
 def create_app(
-    settings: Settings, *, catalog: Catalog | None = None, engine: Engine | None = None
+    settings: Settings,
+    *,
+    catalog: Catalog | None = None,
+    engine: Engine | None = None,
+    discovery: Discovery | None = None,
+    shutdown: Shutdown | None = None,
 ) -> Starlette:
     catalog = catalog or Catalog.load(settings.catalog)
     catalog.get(settings.default_model)  # fail at start, not at the first request
@@ -62,24 +78,50 @@ def create_app(
                 batch_size=settings.batch_size,
             ),
         )
+    discovery = discovery or Discovery(settings)
+    shutdown = shutdown or Shutdown()  # thoxd.server drives it on SIGTERM
+    metrics = Metrics(engine)
+    engine.on_finished = metrics.observe_finished  # tokens and latencies, counted in one place
+    sampler = SystemSampler(settings.resolved_models_dir)
+    hosts = HostNames(
+        default_names(settings.hostname, settings.allowed_hosts),
+        claimed=lambda: discovery.host_name,
+    )
 
     @contextlib.asynccontextmanager
     async def lifespan(app: Starlette) -> AsyncIterator[None]:
         # Load in the background: the socket binds at once and /health says "loading".
         loading = asyncio.create_task(_load_default(engine, settings.default_model))
+        sampler.start()  # /system/info reads its snapshots
+        # mDNS probes and registers in its own task: `discovery.wait_ready()` says when.
+        await discovery.start()
         try:
             yield
         finally:
             loading.cancel()
+            await discovery.stop()  # goodbyes first, so clients stop coming
             await engine.close()
+            sampler.stop()
 
+    system = SystemRoutes(
+        engine, settings.default_model, sampler=sampler, metrics=metrics, identity=discovery
+    )
+    routes = [
+        *OpenAIRoutes(engine, shutdown).routes(),
+        *system.routes(),
+        *StreamRoutes(engine, settings, shutdown).routes(),
+    ]
     app = Starlette(
-        routes=[
-            *OpenAIRoutes(engine).routes(),
-            *SystemRoutes(engine, settings.default_model).routes(),
-            *StreamRoutes(engine, settings).routes(),
+        routes=routes,
+        middleware=[
+            # First, before anything else: who is asking, and by which name (thoxd.security).
+            Middleware(LanGuard, hosts=hosts, allow_public_clients=settings.allow_public_clients),
+            Middleware(MetricsMiddleware, metrics=metrics, routes=routes),
+            *cors_middleware(settings.allowed_origins),
+            Middleware(BodyTimeoutMiddleware, seconds=settings.body_timeout_seconds),
+            Middleware(BodyLimitMiddleware, max_body_bytes=settings.max_body_bytes),
+            Middleware(ShutdownGate, shutdown=shutdown),
         ],
-        middleware=[Middleware(BodyLimitMiddleware, max_body_bytes=settings.max_body_bytes)],
         exception_handlers={
             ThoxdError: _thoxd_error,
             HTTPException: _http_error,
@@ -88,6 +130,10 @@ def create_app(
         lifespan=lifespan,
     )
     app.state.engine = engine
+    app.state.discovery = discovery
+    app.state.shutdown = shutdown
+    app.state.metrics = metrics
+    app.state.sampler = sampler
     app.state.settings = settings
     return app
 

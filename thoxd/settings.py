@@ -104,11 +104,76 @@ class Settings(BaseSettings):
         default_factory=list,
         max_length=64,
         description="Web origins (scheme://host[:port], comma-separated; 'null' for pages opened "
-        "from files, '*' for any) besides the device itself whose pages may open the /v1/stream "
-        "WebSocket; other browser origins are refused.",
+        "from files, '*' for any) besides the device itself whose pages may call the API (CORS, "
+        "without credentials) and open the /v1/stream WebSocket; other browser origins are "
+        "refused.",
+    )
+    # -- safe on a LAN: thoxd/security.py --
+    allowed_hosts: Annotated[
+        list[Annotated[str, Field(min_length=1, max_length=253, pattern=r"^(\*|[\w.:\[\]-]+)$")]],
+        NoDecode,
+        BeforeValidator(_comma_list),
+    ] = Field(
+        default_factory=list,
+        max_length=64,
+        description="Host names (or addresses, comma-separated) clients may reach the device by, "
+        "besides HOSTNAME.local, the OS host name, its own addresses and localhost; other Host "
+        "headers get 403 (DNS rebinding). '*' turns the check off (behind a reverse proxy).",
+    )
+    allow_public_clients: bool = Field(
+        False,
+        description="Serve clients from any address; by default only loopback, private "
+        "(RFC 1918), link-local and unique local (ULA) addresses are served, others get 403.",
+    )
+    header_timeout_seconds: float = Field(
+        10.0,
+        ge=0.5,
+        le=300,
+        description="Longest time a client may take to send a request's headers (from the "
+        "connection, or the request's first byte); then the connection is closed.",
+    )
+    body_timeout_seconds: float = Field(
+        30.0,
+        ge=0.5,
+        le=3600,
+        description="Longest time a request body may take to arrive after its headers; then "
+        "408 and the connection is closed.",
     )
     log_level: Literal["debug", "info", "warning", "error"] = Field(
         "info", description="Log verbosity."
+    )
+    # -- discovery (mDNS): thoxd/discovery.py --
+    hostname: str = Field(
+        "thox",
+        min_length=1,
+        max_length=60,
+        pattern=r"^[A-Za-z0-9](?:[A-Za-z0-9-]*[A-Za-z0-9])?$",
+        description="mDNS host name: the box answers as HOSTNAME.local (HOSTNAME-2.local, ... "
+        "when another responder holds it).",
+    )
+    mdns: bool = Field(
+        True, description="Advertise the box with mDNS: HOSTNAME.local, _thox._tcp, _http._tcp."
+    )
+    mdns_interfaces: Annotated[
+        list[Annotated[str, Field(min_length=1, max_length=64, pattern=r"^[\w.:%@-]+$")]],
+        NoDecode,
+        BeforeValidator(_comma_list),
+    ] = Field(
+        default_factory=list,
+        max_length=32,
+        description="Interfaces (names or addresses, comma-separated) to advertise on; "
+        "empty: every LAN interface.",
+    )
+    mdns_loopback: bool = Field(
+        False, description="Advertise on loopback too (tests, or a box that has no LAN)."
+    )
+    # -- shutdown (systemd's TimeoutStopSec, 90 s by default, must cover the grace period) --
+    shutdown_grace_seconds: float = Field(
+        10.0,
+        ge=0,
+        le=60,
+        description="On SIGTERM, how long running generations may go on before open streams "
+        "are ended (SSE: a final shutting_down error event; WebSocket: close 1001).",
     )
 
     @property

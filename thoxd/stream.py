@@ -20,7 +20,9 @@ one the server made. Bodies are validated and started by the same code as the RE
 (`thoxd.schemas`, `thoxd.generation`); `stream` is ignored (this always streams) and a completion
 takes one prompt per request. A bad message gets an `error` event (id null when the message could
 not be read) and the connection stays open; a text message over `max_body_bytes` closes it with
-1009. Closing the connection cancels every request it started within one decode step.
+1009. Closing the connection cancels every request it started within one decode step. When the
+daemon shuts down, requests still running after its grace period get a `shutting_down` error
+and the connection closes with 1001 (going away); new requests meanwhile get that error at once.
 
 A handshake whose `Origin` is neither the device itself (the host the browser reached us by, or
 loopback on both sides) nor in `allowed_origins` is refused (403), so a web page elsewhere cannot
@@ -48,19 +50,24 @@ from thoxd.errors import InvalidRequest, NotFound, ThoxdError
 from thoxd.generation import Started, split_prompts, start_chat, start_completion
 from thoxd.schemas import ChatRequest, CompletionRequest, parse
 from thoxd.settings import Settings
+from thoxd.shutdown import Shutdown, shutting_down
 
 logger = logging.getLogger("thoxd.stream")
 
 MAX_ID_CHARS = 128
 MAX_IN_FLIGHT = 256  # per connection; the engine's queue bounds the device as a whole
+CLOSE_GOING_AWAY = 1001  # the server shuts down
 CLOSE_POLICY_VIOLATION = 1008
 CLOSE_TOO_BIG = 1009
 _GONE = (WebSocketDisconnect, WebSocketDisconnected, OSError)  # the peer is gone, or we closed
 
 
 class StreamRoutes:
-    def __init__(self, engine: Engine, settings: Settings) -> None:
+    def __init__(
+        self, engine: Engine, settings: Settings, shutdown: Shutdown | None = None
+    ) -> None:
         self.engine = engine
+        self.shutdown = shutdown or Shutdown()
         self.max_message_bytes = settings.max_body_bytes
         self.allowed_origins = frozenset(_normal_origin(o) for o in settings.allowed_origins)
 
@@ -75,10 +82,12 @@ class StreamRoutes:
             await websocket.close(CLOSE_POLICY_VIOLATION)  # before accept: uvicorn answers 403
             return
         await websocket.accept()
-        connection = _Connection(websocket, self.engine, self.max_message_bytes)
+        connection = _Connection(websocket, self.engine, self.max_message_bytes, self.shutdown)
+        forget = self.shutdown.at_end(connection.going_away)
         try:
             await connection.serve()
         finally:
+            forget()
             await connection.shutdown()
 
 
@@ -126,9 +135,12 @@ class _Request:
 class _Connection:
     """One accepted socket: a reader loop, one task per request, one writer at a time."""
 
-    def __init__(self, websocket: WebSocket, engine: Engine, max_message_bytes: int) -> None:
+    def __init__(
+        self, websocket: WebSocket, engine: Engine, max_message_bytes: int, shutdown: Shutdown
+    ) -> None:
         self.websocket = websocket
         self.engine = engine
+        self.stopping = shutdown
         self.max_message_bytes = max_message_bytes
         self.requests: dict[str, _Request] = {}
         self.send_lock = asyncio.Lock()
@@ -177,7 +189,9 @@ class _Connection:
     async def start(self, given_id: str | None, body: dict[str, Any]) -> None:
         chat = "messages" in body
         request_id = given_id or new_id("chatcmpl" if chat else "cmpl")
-        if request_id in self.requests:
+        if self.stopping.draining:
+            await self.send_error(request_id, shutting_down())
+        elif request_id in self.requests:
             message = f"A request with id '{request_id}' is already in flight on this connection."
             await self.send_error(request_id, InvalidRequest(message, param="id"))
         elif len(self.requests) >= MAX_IN_FLIGHT:
@@ -187,6 +201,7 @@ class _Connection:
             request = _Request(request_id)
             self.requests[request_id] = request
             request.task = asyncio.create_task(self.run(request, body, chat))
+            self.stopping.track_task(request.task)  # the shutdown's grace period waits for it
 
     async def cancel(self, request_id: str | None) -> None:
         request = self.requests.get(request_id) if request_id is not None else None
@@ -261,6 +276,21 @@ class _Connection:
                 self.open = False
                 with contextlib.suppress(*_GONE):
                     await self.websocket.close(code, reason)
+
+    async def going_away(self) -> None:
+        """The server shuts down: a shutting_down error for each request in flight, then 1001."""
+        async with self.send_lock:
+            if not self.open:
+                return
+            self.open = False
+            error = shutting_down().envelope()
+            with contextlib.suppress(*_GONE):
+                for request in list(self.requests.values()):
+                    request.cancel()
+                    event = {"type": "error", "id": request.id, **error}
+                    text = json.dumps(event, ensure_ascii=False, separators=(",", ":"))
+                    await self.websocket.send_text(text)
+                await self.websocket.close(CLOSE_GOING_AWAY, "server shutting down")
 
     async def shutdown(self) -> None:
         """Cancel everything this connection started; the engine frees the slots in one step."""

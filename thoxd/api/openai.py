@@ -102,8 +102,9 @@ class OpenAIRoutes:
             )
         collect = asyncio.ensure_future(self._collect(started, envelope))
         gone = asyncio.ensure_future(_until_disconnect(request.receive))
-        with self.shutdown.on_end(started.cancel):  # past the grace period: 503 shutting_down
-            await asyncio.wait({collect, gone}, return_when=asyncio.FIRST_COMPLETED)
+        forget = self.shutdown.at_end(started.cancel)  # past the grace period: 503
+        await asyncio.wait({collect, gone}, return_when=asyncio.FIRST_COMPLETED)
+        forget()
         gone.cancel()
         if not collect.done():  # the client left: free its slots now; nobody reads an answer
             started.cancel()
@@ -132,33 +133,33 @@ class OpenAIRoutes:
         self, started: Started, envelope: Envelope, include_usage: bool
     ) -> AsyncIterator[str]:
         finished: list[Finished] = []
-        # Past the shutdown's grace period the generations are cancelled, and the stream ends
-        # with a shutting_down error event instead of its last chunk.
-        with self.shutdown.on_end(started.cancel):
-            try:
-                if envelope.chat:
-                    for index in range(len(started.generations)):
-                        yield _sse_data(envelope.chunk(index, "", role=True))
-                async for index, event in merged_events(started):
-                    if isinstance(event, Delta):
-                        yield _sse_data(envelope.chunk(index, event.text))
-                    elif isinstance(event, Failed):
-                        yield _sse_data(event.error.envelope())
-                        return
-                    elif event.finish_reason == "cancelled" and self.shutdown.ended:
-                        yield _sse_data(shutting_down().envelope())
-                        return
-                    else:
-                        finished.append(event)
-                        last = envelope.chunk(index, None, event.finish_reason)
-                        last["timings"] = event.timings.as_dict()
-                        yield _sse_data(last)
-                if include_usage:
-                    yield _sse_data(envelope.usage_chunk(finished))
-                yield "data: [DONE]\n\n"
-            finally:
-                # Runs when the client disconnects too: the slots are freed within one step.
-                started.cancel()
+        # Past the shutdown's grace period: cancelled, and ended with a shutting_down event.
+        forget = self.shutdown.at_end(started.cancel)
+        try:
+            if envelope.chat:
+                for index in range(len(started.generations)):
+                    yield _sse_data(envelope.chunk(index, "", role=True))
+            async for index, event in merged_events(started):
+                if isinstance(event, Delta):
+                    yield envelope.delta_event(index, event.text)
+                elif isinstance(event, Failed):
+                    yield _sse_data(event.error.envelope())
+                    return
+                elif event.finish_reason == "cancelled" and self.shutdown.ended:
+                    yield _sse_data(shutting_down().envelope())
+                    return
+                else:
+                    finished.append(event)
+                    last = envelope.chunk(index, None, event.finish_reason)
+                    last["timings"] = event.timings.as_dict()
+                    yield _sse_data(last)
+            if include_usage:
+                yield _sse_data(envelope.usage_chunk(finished))
+            yield "data: [DONE]\n\n"
+        finally:
+            # Runs when the client disconnects too: the slots are freed within one step.
+            started.cancel()
+            forget()
 
     # -- embeddings ------------------------------------------------------------------------
 

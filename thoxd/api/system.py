@@ -1,21 +1,47 @@
-"""Device routes: /health (readiness for load balancers, systemd checks and people)."""
+"""Device routes: /health (readiness), /system/info (the box and its models), /metrics.
+
+None of them loads or wakes a model: they read the engine's state and counters only. /system/info
+and /metrics answer from what the background sampler and the counters already hold, so they stay
+fast while tokens are being made.
+"""
 
 from __future__ import annotations
+
+import asyncio
+from typing import Any
 
 from starlette.requests import Request
 from starlette.responses import JSONResponse, Response
 from starlette.routing import Route
 
 from thoxd.engine.runtime import Engine
+from thoxd.metrics import CONTENT_TYPE, Metrics, model_file_bytes
+from thoxd.system import Identity, SystemSampler, info_document
 
 
 class SystemRoutes:
-    def __init__(self, engine: Engine, default_model: str) -> None:
+    def __init__(
+        self,
+        engine: Engine,
+        default_model: str,
+        *,
+        sampler: SystemSampler | None = None,
+        metrics: Metrics | None = None,
+        identity: Identity | None = None,
+    ) -> None:
         self.engine = engine
         self.default_model = default_model
+        self.sampler = sampler
+        self.metrics = metrics
+        self.identity = identity
 
     def routes(self) -> list[Route]:
-        return [Route("/health", self.health, methods=["GET"])]
+        routes = [Route("/health", self.health, methods=["GET"])]
+        if self.sampler is not None:
+            routes.append(Route("/system/info", self.info, methods=["GET"]))
+        if self.metrics is not None:
+            routes.append(Route("/metrics", self.prometheus, methods=["GET"]))
+        return routes
 
     async def health(self, request: Request) -> Response:
         """503 `loading` until the default model serves, then 200 with slot and queue counts."""
@@ -33,3 +59,45 @@ class SystemRoutes:
             status = "error" if state == "error" else "loading"
             return JSONResponse({"status": status, "model": default_id}, status_code=503)
         return JSONResponse({"status": "ok", "model": default_id, "models": models})
+
+    async def info(self, request: Request) -> Response:
+        """The device, its runtime and its models (README, "Device info"); unreadable -> null."""
+        sampler = self.sampler
+        assert sampler is not None
+        sampler.start()  # a no-op when the lifespan started it already
+        snapshot = sampler.snapshot()
+        if snapshot is None:  # the first request before the first sample: take one now
+            snapshot = await asyncio.to_thread(sampler.sample)
+        models = sampler.readers.read("models", self._models)
+        requests = self.metrics.request_counts() if self.metrics is not None else None
+        document = info_document(
+            snapshot,
+            identity=self.identity,
+            models=models or [],
+            requests=requests,
+            readers=sampler.readers,
+        )
+        return JSONResponse(document)
+
+    def _models(self) -> list[dict[str, Any]]:
+        loaded = {m.spec.id: m for m in self.engine.loaded()}
+        models = []
+        for spec in self.engine.catalog:
+            model = loaded.get(spec.id)
+            stats = model.stats() if model is not None else None
+            models.append(
+                {
+                    "id": spec.id,
+                    "state": self.engine.state(spec.id),
+                    "memory_bytes": model_file_bytes(self.engine, spec.id) if model else None,
+                    "n_ctx": spec.n_ctx,
+                    "slots": stats.slots if stats else None,
+                    "slots_busy": stats.running if stats else None,
+                    "queue_depth": stats.waiting if stats else None,
+                }
+            )
+        return models
+
+    async def prometheus(self, request: Request) -> Response:
+        assert self.metrics is not None
+        return Response(self.metrics.exposition(), media_type=CONTENT_TYPE)

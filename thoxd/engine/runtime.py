@@ -7,7 +7,7 @@ from __future__ import annotations
 import asyncio
 import logging
 import time
-from collections.abc import Sequence
+from collections.abc import Callable, Sequence
 from dataclasses import dataclass
 from pathlib import Path
 from typing import Any
@@ -21,7 +21,7 @@ from thoxd.engine.llama import (
     backend_init,
     route_llama_logs,
 )
-from thoxd.engine.request import Generation
+from thoxd.engine.request import Finished, Generation
 from thoxd.engine.scheduler import Scheduler, SchedulerStats
 from thoxd.engine.templates import ChatTemplate, TemplateInvalid
 from thoxd.errors import (
@@ -52,7 +52,13 @@ class EngineConfig:
 class LoadedModel:
     """One catalog model in memory: weights, a generation context and its scheduler."""
 
-    def __init__(self, spec: ModelSpec, path: Path, config: EngineConfig) -> None:
+    def __init__(
+        self,
+        spec: ModelSpec,
+        path: Path,
+        config: EngineConfig,
+        on_finished: Callable[[str, Finished], None] | None = None,
+    ) -> None:
         self.spec = spec
         self.n_ctx = spec.n_ctx
         self.loaded_at = time.time()
@@ -80,6 +86,7 @@ class LoadedModel:
             n_ctx_seq=spec.n_ctx,
             queue_size=config.queue_size,
             name=spec.id,
+            on_finished=(lambda f: on_finished(spec.id, f)) if on_finished else None,
         )
         self._embed_ctx: LlamaContext | None = None
         self.template = self._chat_template()
@@ -187,6 +194,9 @@ class Engine:
         self._loading: dict[str, asyncio.Task[LoadedModel]] = {}
         self._errors: dict[str, str] = {}
         self._started = False
+        # Called on a model's engine thread with (model id, Finished) for every finished
+        # generation: the one place tokens and latencies are counted (thoxd.metrics). Quick only.
+        self.on_finished: Callable[[str, Finished], None] | None = None
 
     def _start_backend(self) -> None:
         if not self._started:
@@ -232,7 +242,7 @@ class Engine:
             path = await asyncio.to_thread(ensure_model_file, spec, self.config.models_dir)
             # Our own bounded header check before llama.cpp's C++ parser sees the file.
             await asyncio.to_thread(check_gguf, path, root=self.config.models_dir)
-            model = await asyncio.to_thread(LoadedModel, spec, path, self.config)
+            model = await asyncio.to_thread(LoadedModel, spec, path, self.config, self._finished)
         except (ModelFileError, GGUFRejected, LlamaLoadError) as exc:
             self._errors[spec.id] = str(exc)
             logger.error("model %s failed to load: %s", spec.id, exc)
@@ -252,6 +262,10 @@ class Engine:
             self.config.threads,
         )
         return model
+
+    def _finished(self, model_id: str, finished: Finished) -> None:
+        if self.on_finished is not None:
+            self.on_finished(model_id, finished)
 
     async def close(self) -> None:
         for task in list(self._loading.values()):

@@ -80,8 +80,11 @@ class Scheduler:
         n_ctx_seq: int,
         queue_size: int,
         name: str,
+        on_finished: Callable[[Finished], None] | None = None,
     ) -> None:
         self._model = model
+        # Called on this thread with each finished generation (metrics); must be quick.
+        self._on_finished = on_finished
         self._ctx = ctx
         self._n_ctx_seq = n_ctx_seq
         self._queue_size = queue_size
@@ -286,8 +289,14 @@ class Scheduler:
         run.sampler.close()
         slot.run = None
         slot.last_used = now
+        finished = Finished(reason, len(run.gen.prompt), run.generated, timings)
+        if self._on_finished is not None:
+            try:
+                self._on_finished(finished)
+            except Exception:  # an observer's bug must not stop the engine
+                logger.exception("on_finished observer failed")
         # Last: whoever reads Finished sees the slot already free.
-        run.gen.push(Finished(reason, len(run.gen.prompt), run.generated, timings))
+        run.gen.push(finished)
 
     def _fail_batch(self, running: list[_Slot], rc: int) -> None:
         logger.error("llama_decode failed (rc=%d) for %d sequences", rc, len(running))
