@@ -6,6 +6,10 @@
     │   └── UnsupportedCapability   400 unsupported_capability  (chat on an embedding model, ...)
     ├── NotFound                    404 not_found
     │   └── ModelNotFound           404 model_not_found
+    ├── Forbidden                   403 forbidden
+    │   ├── HostNotAllowed          403 host_not_allowed        (DNS rebinding)
+    │   └── ClientNotAllowed        403 client_not_allowed      (not a LAN address)
+    ├── RequestTimeout              408 request_timeout         (slow client)
     ├── PayloadTooLarge             413 payload_too_large
     ├── Unavailable                 503 (with Retry-After)
     │   ├── QueueFull               503 queue_full
@@ -89,6 +93,30 @@ class ModelNotFound(NotFound):
             f"The model '{shown}' does not exist. GET /v1/models lists the models on this device.",
             param="model",
         )
+
+
+class Forbidden(ThoxdError):
+    status = 403
+    type = "invalid_request_error"
+    code = "forbidden"
+
+
+class HostNotAllowed(Forbidden):
+    code = "host_not_allowed"
+
+
+class ClientNotAllowed(Forbidden):
+    code = "client_not_allowed"
+
+
+class RequestTimeout(ThoxdError):
+    status = 408
+    type = "invalid_request_error"
+    code = "request_timeout"
+
+    @property
+    def headers(self) -> dict[str, str]:
+        return {"Connection": "close"}
 
 
 class PayloadTooLarge(ThoxdError):

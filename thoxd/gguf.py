@@ -1,24 +1,21 @@
 """Bounded GGUF header check, run before llama.cpp ever opens a file.
 
-Model files are untrusted: llama.cpp's loader is C++ that trusts counts, lengths and offsets
-more than we want to. Every file therefore passes this pure-Python check first. It reads only
-the header (never the tensor data) through a small buffer, so time and memory depend on the
-header's real size, capped by ``max_header_bytes``, never on what the file claims.
-
-`check_gguf` raises `GGUFRejected` (a short reason, never an absolute path) unless:
+Model files are untrusted and llama.cpp's C++ loader trusts counts, lengths and offsets, so
+every file passes this pure-Python check first. It reads only the header through a small
+buffer (capped by ``max_header_bytes``): time and memory follow the header's real size, never
+what the file claims. `check_gguf` raises `GGUFRejected` (a short reason, no absolute path)
+unless:
 
 - the path, symlinks followed, lies inside ``root`` (when given) and is a regular file;
-- the magic is ``GGUF``, the version is 2 or 3 and the file is little-endian;
-- the tensor and KV counts are bounded (65536 each) and the bytes left could hold them;
-- every string and array length fits the bytes left *before* it is read; strings are bounded
-  (keys 64 KiB, values 1 MiB, tensor names 63 bytes, 2**21 array strings in all) and valid
-  UTF-8; value types are known; arrays are not nested; keys are unique;
-- ``general.architecture`` is a string; ``general.alignment``, if set, is a u32 power of two;
-- tokenizer keys have their expected types, the per-token arrays agree in length and
-  ``bos``/``eos`` ids are smaller than the token count;
-- every tensor has a unique, short UTF-8 name, a known ggml type, 1 to 4 dimensions that are
-  positive and bounded, a first dimension divisible by its type's block size, an aligned offset,
-  and bytes that lie inside the file without overlapping another tensor.
+- magic ``GGUF``, version 2 or 3, little-endian; tensor and KV counts bounded (65536 each) and
+  holdable by the bytes left;
+- every string and array length fits the bytes left *before* it is read; strings bounded (keys
+  64 KiB, values 1 MiB, tensor names 63 bytes, 2**21 array strings in all) and valid UTF-8;
+  known value types, no nested arrays, unique keys;
+- ``general.architecture`` is a string; ``general.alignment``, if set, a u32 power of two;
+  tokenizer keys have their types, per-token arrays agree in length, bos/eos ids in range;
+- every tensor: unique short UTF-8 name, known ggml type, 1-4 positive bounded dimensions, first
+  one divisible by the block size, aligned offset, bytes inside the file and not overlapping.
 """
 
 from __future__ import annotations
@@ -369,17 +366,15 @@ def _quote(text: str) -> str:
 
 def _str(values: dict[str, object], key: str) -> str | None:
     """A string KV, or None if absent."""
-    value = values.get(key)
-    if value is not None and not isinstance(value, str):
+    if (value := values.get(key)) is not None and not isinstance(value, str):
         raise GGUFRejected(f"{key} is not a string")
     return value
 
 
 def _int(values: dict[str, object], key: str, *, u32: bool = False) -> int | None:
     """An integer KV, or None if absent; u32=True demands exactly that width."""
-    if key not in values:
+    if (value := values.get(key)) is None:
         return None
-    value = values[key]
     if not isinstance(value, tuple) or (u32 and value[0] != 4):
         raise GGUFRejected(f"{key} is not {'a u32' if u32 else 'an integer'}")
     return int(value[1])

@@ -40,7 +40,7 @@ from starlette.responses import JSONResponse
 from starlette.types import ASGIApp, Message, Receive, Scope, Send
 from uvicorn.protocols.http.h11_impl import H11Protocol
 
-from thoxd.errors import ThoxdError
+from thoxd.errors import ClientNotAllowed, HostNotAllowed, RequestTimeout, ThoxdError
 
 logger = logging.getLogger("thoxd.security")
 
@@ -54,30 +54,6 @@ LAN_NETWORKS = tuple(
         "::1/128", "fe80::/10", "fc00::/7",
     )
 )  # fmt: skip
-
-
-class Forbidden(ThoxdError):
-    status = 403
-    type = "invalid_request_error"
-    code = "forbidden"
-
-
-class HostNotAllowed(Forbidden):
-    code = "host_not_allowed"
-
-
-class ClientNotAllowed(Forbidden):
-    code = "client_not_allowed"
-
-
-class RequestTimeout(ThoxdError):
-    status = 408
-    type = "invalid_request_error"
-    code = "request_timeout"
-
-    @property
-    def headers(self) -> dict[str, str]:
-        return {"Connection": "close"}
 
 
 # -- addresses and names ----------------------------------------------------------------------
