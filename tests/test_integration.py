@@ -223,6 +223,7 @@ def test_raw_http_errors(daemon: Daemon) -> None:
 def test_queue_full_is_503_with_retry_after(daemon: Daemon) -> None:
     """2 slots + a queue of 2: the fifth concurrent request is refused, the others run."""
     body = {"model": "thox-coder", **COUNTING, "max_tokens": 400, "stream": True}
+    _wait_idle(daemon, timeout=30.0)  # the daemon is shared: start from empty slots
     streams = []
     with httpx.Client(timeout=30) as http:
         try:
