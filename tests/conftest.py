@@ -88,6 +88,19 @@ class Daemon:
             time.sleep(0.1)
         raise TimeoutError(f"thoxd not ready: {self.log()}")
 
+    def busy(self) -> int:
+        """Requests running or waiting, from /health."""
+        models = httpx.get(self.url + "/health").json()["models"]
+        return sum(m["running"] + m["waiting"] for m in models.values())
+
+    def wait_idle(self, timeout: float = 5.0) -> float:
+        """Seconds until no request runs or waits; fails past `timeout`."""
+        start = time.monotonic()
+        while self.busy():
+            assert time.monotonic() - start < timeout, "slots were not freed"
+            time.sleep(0.02)
+        return time.monotonic() - start
+
     def log(self) -> str:
         return self.log_path.read_text()[-4000:]
 

@@ -25,19 +25,6 @@ def client(daemon: Daemon) -> openai.OpenAI:
 COUNTING = {"prompt": "1, 2, 3, 4, 5, 6, 7, 8,", "temperature": 0}
 
 
-def _running(daemon: Daemon) -> int:
-    models = httpx.get(daemon.url + "/health").json()["models"]
-    return sum(m["running"] + m["waiting"] for m in models.values())
-
-
-def _wait_idle(daemon: Daemon, timeout: float = 5.0) -> float:
-    start = time.monotonic()
-    while _running(daemon):
-        assert time.monotonic() - start < timeout, "slots were not freed"
-        time.sleep(0.02)
-    return time.monotonic() - start
-
-
 # -- the device docs' examples ---------------------------------------------------------------
 
 
@@ -193,7 +180,7 @@ def test_huge_max_tokens_is_accepted_and_bounded(daemon: Daemon) -> None:
         assert r.status_code == 200
         lines = r.iter_lines()
         assert any(line.startswith("data: {") for line in lines)
-    _wait_idle(daemon)
+    daemon.wait_idle()
 
 
 def test_raw_http_errors(daemon: Daemon) -> None:
@@ -223,7 +210,7 @@ def test_raw_http_errors(daemon: Daemon) -> None:
 def test_queue_full_is_503_with_retry_after(daemon: Daemon) -> None:
     """2 slots + a queue of 2: the fifth concurrent request is refused, the others run."""
     body = {"model": "thox-coder", **COUNTING, "max_tokens": 400, "stream": True}
-    _wait_idle(daemon, timeout=30.0)  # the daemon is shared: start from empty slots
+    daemon.wait_idle(timeout=30.0)  # the daemon is shared: start from empty slots
     streams = []
     with httpx.Client(timeout=30) as http:
         try:
@@ -238,7 +225,7 @@ def test_queue_full_is_503_with_retry_after(daemon: Daemon) -> None:
         finally:
             for s in streams:
                 s.close()
-    _wait_idle(daemon)
+    daemon.wait_idle()
 
 
 # -- disconnects and a responsive event loop -------------------------------------------------
@@ -261,7 +248,7 @@ def test_client_disconnect_frees_the_slot(daemon: Daemon, stream: bool) -> None:
     sock = _raw_post(daemon, body)
     try:
         deadline = time.monotonic() + 10
-        while not _running(daemon):
+        while not daemon.busy():
             assert time.monotonic() < deadline
             time.sleep(0.02)
         if stream:
@@ -271,7 +258,7 @@ def test_client_disconnect_frees_the_slot(daemon: Daemon, stream: bool) -> None:
         time.sleep(0.3)
     finally:
         sock.close()
-    assert _wait_idle(daemon, timeout=3.0) < 3.0
+    assert daemon.wait_idle(timeout=3.0) < 3.0
 
 
 def test_health_stays_fast_while_generating(daemon: Daemon) -> None:
@@ -282,7 +269,7 @@ def test_health_stays_fast_while_generating(daemon: Daemon) -> None:
     )  # fmt: skip
     worker.start()
     try:
-        while not _running(daemon):
+        while not daemon.busy():
             time.sleep(0.01)
         slowest = 0.0
         for _ in range(20):

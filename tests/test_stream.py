@@ -44,24 +44,11 @@ def open_ws(daemon: Daemon, origin: str | None = None) -> ClientConnection:
     )
 
 
-def _busy(daemon: Daemon) -> int:
-    models = httpx.get(daemon.url + "/health").json()["models"]
-    return sum(m["running"] + m["waiting"] for m in models.values())
-
-
-def wait_idle(daemon: Daemon, timeout: float = 5.0) -> float:
-    start = time.monotonic()
-    while _busy(daemon):
-        assert time.monotonic() - start < timeout, "slots were not freed"
-        time.sleep(0.02)
-    return time.monotonic() - start
-
-
 @pytest.fixture
 def ws(daemon: Daemon) -> Iterator[ClientConnection]:
     with open_ws(daemon) as conn:
         yield conn
-    wait_idle(daemon)
+    daemon.wait_idle()
 
 
 def send(ws: ClientConnection, message: dict[str, Any]) -> None:
@@ -186,7 +173,7 @@ def test_cancel_answers_with_done_and_frees_the_slot(ws: ClientConnection, daemo
     done = until_done(ws, {"long"})[-1]
     assert done["finish_reason"] == "cancelled"
     assert 0 < done["usage"]["completion_tokens"] < 3000
-    assert wait_idle(daemon, timeout=5.0) < 5.0
+    assert daemon.wait_idle(timeout=5.0) < 5.0
 
 
 def test_cancel_of_an_unknown_id_is_an_error(ws: ClientConnection) -> None:
@@ -235,7 +222,7 @@ def test_disconnect_frees_the_slots(daemon: Daemon, graceful: bool) -> None:
             ws.close()
         else:
             ws.close_socket()  # no closing handshake: the TCP connection just goes away
-        assert wait_idle(daemon, timeout=5.0) < 5.0
+        assert daemon.wait_idle(timeout=5.0) < 5.0
     with open_ws(daemon) as again:
         started = time.monotonic()
         send(again, {**COUNTING, "max_tokens": 4, "id": "next"})
@@ -417,4 +404,4 @@ def test_twenty_requests_on_four_sockets(daemon: Daemon) -> None:
     for result in results:
         done.update(result)
     assert done == Counter({f"s{n}-{k}": 1 for n in range(4) for k in range(5)})
-    wait_idle(daemon)
+    daemon.wait_idle()

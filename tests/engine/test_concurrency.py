@@ -10,9 +10,10 @@ from pathlib import Path
 
 import pytest
 
+from tests.engine.events import collect
 from thoxd.catalog import ModelSpec
 from thoxd.engine.llama import route_llama_logs
-from thoxd.engine.request import Delta, Failed, Finished, Generation
+from thoxd.engine.request import Delta, Finished, Generation
 from thoxd.engine.runtime import EngineConfig, LoadedModel
 from thoxd.engine.sampling import SamplingParams
 
@@ -38,25 +39,13 @@ def _gen(model: LoadedModel, prompt: str, **kw: object) -> Generation:
     )
 
 
-async def _collect(gen: Generation) -> tuple[str, Finished]:
-    parts: list[str] = []
-    async for event in gen.events():
-        if isinstance(event, Delta):
-            parts.append(event.text)
-        elif isinstance(event, Failed):
-            raise event.error
-        else:
-            return "".join(parts), event
-    raise AssertionError("no Finished")
-
-
 async def _run_all(
     model: LoadedModel, make: Callable[[], list[Generation]]
 ) -> list[tuple[str, Finished]]:
     gens = make()  # inside the loop: a Generation belongs to the loop that reads it
     for gen in gens:
         model.submit(gen)
-    return list(await asyncio.gather(*(_collect(g) for g in gens)))
+    return list(await asyncio.gather(*(collect(g) for g in gens)))
 
 
 def test_parameters_never_leak_between_slots(model: LoadedModel) -> None:
@@ -91,7 +80,7 @@ def test_an_overflowing_request_does_not_disturb_the_others(model: LoadedModel) 
         # An oversized prompt is refused before it ever reaches a slot.
         with pytest.raises(Exception, match="maximum context length"):
             model.check_fits(model.n_ctx + 10, "prompt")
-        return list(await asyncio.gather(*(_collect(g) for g in gens)))
+        return list(await asyncio.gather(*(collect(g) for g in gens)))
 
     results = asyncio.run(scenario())
     assert [f.completion_tokens for _, f in results] == [20, 20]
@@ -125,7 +114,7 @@ def test_cancel_storm_leaves_no_slot_stuck(model: LoadedModel) -> None:
 async def _collect_one(model: LoadedModel) -> tuple[str, Finished]:
     gen = _gen(model, COUNTING, max_tokens=4)
     model.submit(gen)
-    return await _collect(gen)
+    return await collect(gen)
 
 
 def test_long_prompt_is_prefilled_in_chunks_beside_running_streams(model: LoadedModel) -> None:
@@ -142,7 +131,7 @@ def test_long_prompt_is_prefilled_in_chunks_beside_running_streams(model: Loaded
         newcomer = Generation(prompt=long_prompt, params=GREEDY, max_tokens=4)
         model.submit(newcomer)
         deltas_meanwhile = 0
-        newcomer_done = asyncio.ensure_future(_collect(newcomer))
+        newcomer_done = asyncio.ensure_future(collect(newcomer))
         async for event in events:
             if newcomer_done.done():
                 break

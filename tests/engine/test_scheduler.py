@@ -9,9 +9,10 @@ from pathlib import Path
 
 import pytest
 
+from tests.engine.events import collect
 from thoxd.catalog import ModelSpec
 from thoxd.engine.llama import route_llama_logs
-from thoxd.engine.request import Delta, Failed, Finished, Generation
+from thoxd.engine.request import Delta, Finished, Generation
 from thoxd.engine.runtime import EngineConfig, LoadedModel
 from thoxd.engine.sampling import SamplingParams
 from thoxd.errors import QueueFull
@@ -47,15 +48,7 @@ async def _run(model: LoadedModel, prompt: str, **kw: object) -> tuple[str, Fini
         stops=kw.pop("stops", ()),  # type: ignore[arg-type]
     )
     model.submit(gen)
-    parts: list[str] = []
-    async for event in gen.events():
-        if isinstance(event, Delta):
-            parts.append(event.text)
-        elif isinstance(event, Failed):
-            raise event.error
-        else:
-            return "".join(parts), event
-    raise AssertionError("no Finished event")
+    return await collect(gen)
 
 
 def test_generates_until_max_tokens(model: LoadedModel) -> None:
