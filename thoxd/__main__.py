@@ -16,9 +16,10 @@ from pydantic import ValidationError
 
 from thoxd import __version__
 from thoxd.catalog import CatalogError
+from thoxd.models_cli import add_models_parser, run_models
 from thoxd.settings import Settings, load_settings
 
-COMMANDS = ("serve",)
+COMMANDS = ("serve", "models")
 
 
 def _flag(name: str) -> str:
@@ -55,6 +56,7 @@ def build_parser() -> argparse.ArgumentParser:
         if get_origin(annotation) is Literal:
             kwargs["choices"] = get_args(annotation)
         serve.add_argument(_flag(name), dest=name, metavar=name.upper(), **kwargs)
+    add_models_parser(commands)
     return parser
 
 
@@ -64,6 +66,8 @@ def main(argv: Sequence[str] | None = None) -> int:
     if not args_in or args_in[0] not in (*COMMANDS, "--version"):
         args_in.insert(0, "serve")
     args = build_parser().parse_args(args_in)
+    if args.command == "models":
+        return run_models(args)
     overrides = {k: v for k, v in vars(args).items() if k in Settings.model_fields}
     try:
         settings = load_settings(overrides, args.config)

@@ -7,16 +7,19 @@ import contextlib
 import logging
 from collections.abc import AsyncIterator
 
+import psutil  # type: ignore[import-untyped]
 from starlette.applications import Starlette
 from starlette.exceptions import HTTPException
 from starlette.middleware import Middleware
 from starlette.requests import Request
 from starlette.responses import JSONResponse, Response
 
+from thoxd.api.models import ModelRoutes
 from thoxd.api.openai import OpenAIRoutes
 from thoxd.api.system import SystemRoutes
 from thoxd.catalog import Catalog
 from thoxd.discovery import Discovery
+from thoxd.engine.memory import budget_bytes
 from thoxd.engine.runtime import Engine, EngineConfig
 from thoxd.errors import InvalidRequest, NotFound, ThoxdError
 from thoxd.metrics import Metrics, MetricsMiddleware
@@ -76,6 +79,10 @@ def create_app(
                 slots=settings.slots,
                 queue_size=settings.queue_size,
                 batch_size=settings.batch_size,
+                memory_budget=budget_bytes(
+                    settings.memory_budget, psutil.virtual_memory().available
+                ),
+                keep_alive=settings.keep_alive,
             ),
         )
     discovery = discovery or Discovery(settings)
@@ -91,7 +98,8 @@ def create_app(
     @contextlib.asynccontextmanager
     async def lifespan(app: Starlette) -> AsyncIterator[None]:
         # Load in the background: the socket binds at once and /health says "loading".
-        loading = asyncio.create_task(_load_default(engine, settings.default_model))
+        engine.start()  # the keep_alive clock
+        loading = asyncio.create_task(_load_at_start(engine, settings.default_model))
         sampler.start()  # /system/info reads its snapshots
         # mDNS probes and registers in its own task: `discovery.wait_ready()` says when.
         await discovery.start()
@@ -108,6 +116,7 @@ def create_app(
     )
     routes = [
         *OpenAIRoutes(engine, shutdown).routes(),
+        *ModelRoutes(engine).routes(),
         *system.routes(),
         *StreamRoutes(engine, settings, shutdown).routes(),
     ]
@@ -138,8 +147,12 @@ def create_app(
     return app
 
 
-async def _load_default(engine: Engine, name: str) -> None:
-    try:
-        await engine.load(name)
-    except ThoxdError:
-        logger.error("the default model %s could not be loaded; /health stays 503", name)
+async def _load_at_start(engine: Engine, default: str) -> None:
+    """The default model, then the pinned ones; each failure is logged and left in its state."""
+    default_id = engine.catalog.get(default).id
+    names = [default_id, *(s.id for s in engine.catalog if s.pinned and s.id != default_id)]
+    for name in names:
+        try:
+            await engine.load(name)
+        except ThoxdError as exc:
+            logger.error("model %s could not be loaded at start: %s", name, exc.message)

@@ -9,14 +9,18 @@ from __future__ import annotations
 import tomllib
 from collections.abc import Iterator
 from pathlib import Path, PurePosixPath
-from typing import Literal
+from typing import Annotated, Literal
 
-from pydantic import BaseModel, ConfigDict, Field, ValidationError, field_validator
+from pydantic import BaseModel, BeforeValidator, ConfigDict, Field, ValidationError, field_validator
 
 from thoxd.errors import ModelNotFound
+from thoxd.units import parse_duration
 
 Capability = Literal["chat", "completion", "embeddings"]
 _NAME = r"^[A-Za-z0-9][A-Za-z0-9._:\-]{0,127}$"
+
+# Seconds (math.inf: no limit), written as 300, "5m", "1h30m", -1 or "forever".
+Duration = Annotated[float, BeforeValidator(parse_duration)]
 
 
 class CatalogError(Exception):
@@ -55,6 +59,10 @@ class ModelSpec(BaseModel):
     stop: tuple[str, ...] = ()
     capabilities: frozenset[Capability] = frozenset({"chat", "completion"})
     defaults: SamplingDefaults = SamplingDefaults()
+    pinned: bool = Field(False, description="loaded at start and never evicted")
+    keep_alive: Duration | None = Field(
+        None, description="unload after this long idle (default: the daemon's keep_alive)"
+    )
 
     @field_validator("aliases")
     @classmethod

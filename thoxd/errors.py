@@ -10,10 +10,14 @@
     │   ├── HostNotAllowed          403 host_not_allowed        (DNS rebinding)
     │   └── ClientNotAllowed        403 client_not_allowed      (not a LAN address)
     ├── RequestTimeout              408 request_timeout         (slow client)
+    ├── ModelBusy                   409 model_busy              (unload while serving)
     ├── PayloadTooLarge             413 payload_too_large
+    ├── ModelFileRejected           422 model_file_rejected     (GGUF gate, sha256, missing)
+    ├── InsufficientMemory          507 insufficient_memory     (larger than the budget)
     ├── Unavailable                 503 (with Retry-After)
     │   ├── QueueFull               503 queue_full
     │   ├── ModelNotReady           503 model_loading
+    │   ├── MemoryBusy              503 memory_busy             (room held by busy models)
     │   └── ShuttingDown            503 shutting_down
     └── EngineFailure               500 engine_error
 
@@ -119,6 +123,27 @@ class RequestTimeout(ThoxdError):
         return {"Connection": "close"}
 
 
+class ModelBusy(ThoxdError):
+    status = 409
+    type = "invalid_request_error"
+    code = "model_busy"
+
+
+class ModelFileRejected(ThoxdError):
+    status = 422
+    type = "invalid_request_error"
+    code = "model_file_rejected"
+
+    def __init__(self, model_id: str, reason: str) -> None:
+        super().__init__(f"The model '{model_id}' cannot be loaded: {reason}.", param="model")
+
+
+class InsufficientMemory(ThoxdError):
+    status = 507
+    type = "server_error"
+    code = "insufficient_memory"
+
+
 class PayloadTooLarge(ThoxdError):
     status = 413
     type = "invalid_request_error"
@@ -150,6 +175,11 @@ class QueueFull(Unavailable):
 class ModelNotReady(Unavailable):
     code = "model_loading"
     retry_after = 2
+
+
+class MemoryBusy(Unavailable):
+    code = "memory_busy"
+    retry_after = 5
 
 
 class ShuttingDown(Unavailable):

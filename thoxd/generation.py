@@ -31,26 +31,28 @@ class Started:
 
 
 async def start_chat(engine: Engine, body: ChatRequest) -> Started:
-    model = engine.get(body.model)
-    text = model.render_chat(body.template_messages())
-    tokens = await model.tokenize(text, add_special=False)
-    return _submit(model, body, [tokens], "messages")
+    # Held from lookup to submit, so the model cannot be evicted in between; after that its
+    # generations hold it until they end.
+    async with engine.use(body.model, body.keep_alive) as model:
+        text = model.render_chat(body.template_messages())
+        tokens = await model.tokenize(text, add_special=False)
+        return _submit(model, body, [tokens], "messages")
 
 
 async def start_completion(engine: Engine, body: CompletionRequest) -> Started:
-    model = engine.get(body.model)
-    if "completion" not in model.spec.capabilities:
-        raise InvalidRequest(
-            f"The model '{model.spec.id}' does not do text completions.", param="model"
-        )
-    prompts: list[list[int]] = []
-    for prompt in split_prompts(body.prompt):
-        if isinstance(prompt, str):
-            prompts.append(await model.tokenize(prompt, add_special=True))
-        else:
-            _check_token_ids(prompt, model.llama.n_vocab)
-            prompts.append(list(prompt))
-    return _submit(model, body, prompts, "prompt")
+    async with engine.use(body.model, body.keep_alive) as model:
+        if "completion" not in model.spec.capabilities:
+            raise InvalidRequest(
+                f"The model '{model.spec.id}' does not do text completions.", param="model"
+            )
+        prompts: list[list[int]] = []
+        for prompt in split_prompts(body.prompt):
+            if isinstance(prompt, str):
+                prompts.append(await model.tokenize(prompt, add_special=True))
+            else:
+                _check_token_ids(prompt, model.llama.n_vocab)
+                prompts.append(list(prompt))
+        return _submit(model, body, prompts, "prompt")
 
 
 def split_prompts(

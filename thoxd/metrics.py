@@ -34,8 +34,6 @@ from starlette.types import ASGIApp, Message, Receive, Scope, Send
 
 from thoxd.engine.request import Finished
 from thoxd.engine.runtime import Engine
-from thoxd.errors import ThoxdError
-from thoxd.modelfiles import ModelFileError, model_path
 
 CONTENT_TYPE = CONTENT_TYPE_PLAIN_0_0_4
 _TTFT_BUCKETS = (0.025, 0.05, 0.1, 0.25, 0.5, 1.0, 2.5, 5.0, 10.0, 30.0, 60.0)
@@ -138,7 +136,6 @@ class _EngineCollector(Collector):
 
     def __init__(self, engine: Engine) -> None:
         self.engine = engine
-        self._sizes: dict[str, int | None] = {}
 
     def describe(self) -> Iterable[Metric]:
         return self._families()
@@ -148,10 +145,9 @@ class _EngineCollector(Collector):
         loaded, memory, slots, running, waiting = families
         models = {m.spec.id: m for m in self.engine.loaded()}
         for spec in self.engine.catalog:
-            loaded.add_metric([spec.id], 1.0 if spec.id in models else 0.0)
-            size = self._model_bytes(spec.id) if spec.id in models else 0
-            if size is not None:
-                memory.add_metric([spec.id], float(size))
+            model = models.get(spec.id)
+            loaded.add_metric([spec.id], 1.0 if model else 0.0)
+            memory.add_metric([spec.id], float(model.memory.total if model else 0))
         for model_id, model in models.items():
             stats = model.stats()
             slots.add_metric([model_id], stats.slots)
@@ -166,25 +162,14 @@ class _EngineCollector(Collector):
 
         return [
             gauge("thoxd_model_loaded", "1 when the model is loaded and serving."),
-            gauge("thoxd_model_memory_bytes", "Size of the loaded model's weights (its file)."),
+            gauge(
+                "thoxd_model_memory_bytes",
+                "Estimated memory of the loaded model: weights, KV cache, compute buffers.",
+            ),
             gauge("thoxd_slots", "Sequence slots of the model."),
             gauge("thoxd_running_sequences", "Sequences being decoded now."),
             gauge("thoxd_queue_depth", "Requests waiting for a slot."),
         ]
-
-    def _model_bytes(self, model_id: str) -> int | None:
-        if model_id not in self._sizes:
-            self._sizes[model_id] = model_file_bytes(self.engine, model_id)
-        return self._sizes[model_id]
-
-
-def model_file_bytes(engine: Engine, model_id: str) -> int | None:
-    """The size of a model's GGUF file: its weights, as mapped into memory."""
-    try:
-        spec = engine.catalog.get(model_id)
-        return model_path(spec, engine.config.models_dir).stat().st_size
-    except (ThoxdError, ModelFileError, OSError):
-        return None
 
 
 def route_label(routes: Sequence[BaseRoute], scope: Scope) -> str:

@@ -7,6 +7,7 @@ by a small stamp (size, mtime, digest) so later starts do not hash it again.
 
 from __future__ import annotations
 
+import contextlib
 import hashlib
 import importlib
 import json
@@ -51,6 +52,22 @@ def ensure_model_file(
             raise ModelFileError(f"model '{spec.id}': {path.name} does not match its sha256")
         _write_stamp(path, spec.sha256)
     return path
+
+
+def verify_sha256(path: Path, sha256: str, *, trust_stamp: bool = True) -> bool:
+    """Whether `path` hashes to `sha256`; a match is stamped so later checks and starts skip it."""
+    if trust_stamp and _stamp_matches(path, sha256):
+        return True
+    if _sha256(path) != sha256:
+        return False
+    with contextlib.suppress(OSError):  # a read-only models dir only costs a rehash later
+        _write_stamp(path, sha256)
+    return True
+
+
+def mark_verified(path: Path, sha256: str) -> None:
+    """Stamp `path` as hashing to `sha256` (the caller has just hashed what it wrote)."""
+    _write_stamp(path, sha256)
 
 
 def _assemble(spec: ModelSpec, path: Path, say: Callable[[str], None]) -> None:

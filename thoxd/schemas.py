@@ -17,6 +17,7 @@ from pydantic import (
     field_validator,
 )
 
+from thoxd.catalog import Duration
 from thoxd.errors import InvalidRequest
 
 _Model = TypeVar("_Model", bound=BaseModel)
@@ -68,6 +69,8 @@ class GenerationBody(_Body):
     stop: StopString | list[StopString] | None = None
     seed: int | None = Field(None, ge=-(1 << 63), le=(1 << 64) - 1)
     n: int = Field(1, ge=1, le=1)
+    # An extension (Ollama's): how long the model stays loaded once idle after this request.
+    keep_alive: Duration | None = None
     user: str | None = Field(None, max_length=512)
     stream: bool = False
     stream_options: StreamOptions | None = None
@@ -130,6 +133,14 @@ class EmbeddingRequest(_Body):
     input: Annotated[PromptInput, _at_most(2048)]
     encoding_format: Literal["float", "base64"] = "float"
     user: str | None = Field(None, max_length=512)
+    keep_alive: Duration | None = None
+
+
+class ModelAction(_Body):
+    """POST /models/load and /models/unload."""
+
+    model_id: str | None = Field(None, min_length=1, max_length=256)
+    keep_alive: Duration | None = None
 
 
 def parse(model: type[_Model], data: bytes | dict[str, Any]) -> _Model:

@@ -12,7 +12,7 @@ from collections.abc import Mapping
 from pathlib import Path
 from typing import Annotated, Any, Literal
 
-from pydantic import BeforeValidator, Field
+from pydantic import AfterValidator, BeforeValidator, Field
 from pydantic_settings import (
     BaseSettings,
     NoDecode,
@@ -20,6 +20,9 @@ from pydantic_settings import (
     SettingsConfigDict,
     TomlConfigSettingsSource,
 )
+
+from thoxd.catalog import Duration
+from thoxd.units import parse_size
 
 SYSTEM_CONFIG = Path("/etc/thoxd/thoxd.toml")
 
@@ -39,6 +42,11 @@ def _usable_cores() -> int:
 
 def _repo_catalog() -> Path:
     return Path(__file__).resolve().parent.parent / "models.toml"
+
+
+def _size(value: str) -> str:
+    parse_size(value)  # raises ValueError with the reason
+    return value
 
 
 def _comma_list(value: Any) -> Any:
@@ -96,6 +104,18 @@ class Settings(BaseSettings):
         le=8192,
         description="Most tokens in one llama_decode: the prefill chunk that shares a step "
         "with running streams (256 halves their worst stall against 512, same prefill speed).",
+    )
+    # -- models: thoxd/engine/runtime.py --
+    memory_budget: Annotated[str, AfterValidator(_size)] = Field(
+        "80%",
+        description="Memory all loaded models may use together: bytes ('6GiB'), or a share of "
+        "the RAM available at start as a percentage (the default: 80 percent). A load that does "
+        "not fit evicts idle models, least recently used first, or is refused.",
+    )
+    keep_alive: Duration = Field(
+        float("inf"),
+        description="Unload a model after this long idle (seconds, '5m', 'forever'); "
+        "models.toml and each request may set their own.",
     )
     max_body_bytes: int = Field(
         1 << 20, ge=1024, le=1 << 30, description="Largest request body accepted; past it, 413."

@@ -19,7 +19,6 @@ from starlette.routing import Route
 from starlette.types import Receive
 
 from thoxd.api.shapes import Envelope
-from thoxd.catalog import ModelSpec
 from thoxd.engine.request import Delta, Failed, Finished
 from thoxd.engine.runtime import Engine
 from thoxd.generation import Started, split_prompts, start_chat, start_completion
@@ -75,8 +74,6 @@ class OpenAIRoutes:
             Route("/v1/chat/completions", self.chat, methods=["POST"]),
             Route("/v1/completions", self.completions, methods=["POST"]),
             Route("/v1/embeddings", self.embeddings, methods=["POST"]),
-            Route("/v1/models", self.list_models, methods=["GET"]),
-            Route("/v1/models/{model_id:path}", self.get_model, methods=["GET"]),
         ]
 
     # -- generation ------------------------------------------------------------------------
@@ -165,14 +162,19 @@ class OpenAIRoutes:
 
     async def embeddings(self, request: Request) -> Response:
         body = parse(EmbeddingRequest, await request.body())
-        model = self.engine.get(body.model)
         data = []
         n_tokens = 0
-        for index, item in enumerate(split_prompts(body.input)):
-            tokens = await model.tokenize(item, add_special=True) if isinstance(item, str) else item
-            n_tokens += len(tokens)
-            vector = await model.embed(tokens)
-            data.append({"object": "embedding", "index": index, "embedding": _encode(vector, body)})
+        async with self.engine.use(body.model, body.keep_alive) as model:
+            for index, item in enumerate(split_prompts(body.input)):
+                if isinstance(item, str):
+                    tokens = await model.tokenize(item, add_special=True)
+                else:
+                    tokens = list(item)
+                n_tokens += len(tokens)
+                vector = await model.embed(tokens)
+                data.append(
+                    {"object": "embedding", "index": index, "embedding": _encode(vector, body)}
+                )
         return JSONResponse(
             {
                 "object": "list",
@@ -181,32 +183,6 @@ class OpenAIRoutes:
                 "usage": {"prompt_tokens": n_tokens, "total_tokens": n_tokens},
             }
         )
-
-    # -- models ----------------------------------------------------------------------------
-
-    async def list_models(self, request: Request) -> Response:
-        data = [self._model_object(spec) for spec in self.engine.catalog]
-        return JSONResponse({"object": "list", "data": data})
-
-    async def get_model(self, request: Request) -> Response:
-        spec = self.engine.catalog.get(request.path_params["model_id"])
-        return JSONResponse(self._model_object(spec))
-
-    def _model_object(self, spec: ModelSpec) -> dict[str, Any]:
-        loaded = next((m for m in self.engine.loaded() if m.spec.id == spec.id), None)
-        return {
-            "id": spec.id,
-            "object": "model",
-            "created": int(loaded.loaded_at) if loaded else 0,
-            "owned_by": "thoxd",
-            "aliases": list(spec.aliases),
-            "description": spec.description,
-            "state": self.engine.state(spec.id),
-            "context_window": spec.n_ctx,
-            "n_ctx": spec.n_ctx,
-            "max_tokens": spec.n_ctx,
-            "capabilities": sorted(spec.capabilities),
-        }
 
 
 def _sse_data(obj: dict[str, Any]) -> str:

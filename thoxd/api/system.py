@@ -15,7 +15,7 @@ from starlette.responses import JSONResponse, Response
 from starlette.routing import Route
 
 from thoxd.engine.runtime import Engine
-from thoxd.metrics import CONTENT_TYPE, Metrics, model_file_bytes
+from thoxd.metrics import CONTENT_TYPE, Metrics
 from thoxd.system import Identity, SystemSampler, info_document
 
 
@@ -44,9 +44,11 @@ class SystemRoutes:
         return routes
 
     async def health(self, request: Request) -> Response:
-        """503 `loading` until the default model serves, then 200 with slot and queue counts."""
+        """503 `loading` until the default model first serves, then 200 with slot and queue
+        counts; a default model unloaded later (keep_alive, memory) loads on the next request."""
         default_id = self.engine.catalog.get(self.default_model).id
         state = self.engine.state(default_id)
+        ready = state == "loaded" or (state != "error" and self.engine.times_loaded(default_id))
         models = {}
         for model in self.engine.loaded():
             stats = model.stats()
@@ -55,10 +57,12 @@ class SystemRoutes:
                 "running": stats.running,
                 "waiting": stats.waiting,
             }
-        if state != "loaded":
+        if not ready:
             status = "error" if state == "error" else "loading"
             return JSONResponse({"status": status, "model": default_id}, status_code=503)
-        return JSONResponse({"status": "ok", "model": default_id, "models": models})
+        return JSONResponse(
+            {"status": "ok", "model": default_id, "model_state": state, "models": models}
+        )
 
     async def info(self, request: Request) -> Response:
         """The device, its runtime and its models (README, "Device info"); unreadable -> null."""
@@ -89,7 +93,7 @@ class SystemRoutes:
                 {
                     "id": spec.id,
                     "state": self.engine.state(spec.id),
-                    "memory_bytes": model_file_bytes(self.engine, spec.id) if model else None,
+                    "memory_bytes": model.memory.total if model else None,
                     "n_ctx": spec.n_ctx,
                     "slots": stats.slots if stats else None,
                     "slots_busy": stats.running if stats else None,

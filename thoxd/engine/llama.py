@@ -9,13 +9,13 @@ from __future__ import annotations
 import ctypes
 import functools
 import logging
-import math
 from collections.abc import Sequence
 from dataclasses import dataclass
 from pathlib import Path
 from typing import Any
 
 import llama_cpp
+import numpy as np
 
 logger = logging.getLogger("thoxd.llama")
 
@@ -145,11 +145,13 @@ class LlamaContext:
         params.n_outputs_max = config.n_seq_max
         params.n_outputs_max_per_seq = 1
         if config.embeddings:
-            # Pooling needs every token's output.
-            params.n_outputs_max = 0
-            params.n_outputs_max_per_seq = 0
+            # Per-token embeddings, pooled by the caller chunk by chunk. llama.cpp's own pooling
+            # needs the whole input in one ubatch, and the graph still computes logits for every
+            # token: n_tokens x n_vocab floats (8 GiB for 8192 tokens of Gemma 3).
+            params.n_outputs_max = config.n_batch
+            params.n_outputs_max_per_seq = config.n_batch
             params.embeddings = True
-            params.pooling_type = llama_cpp.LLAMA_POOLING_TYPE_MEAN
+            params.pooling_type = llama_cpp.LLAMA_POOLING_TYPE_NONE
         ptr = llama_cpp.llama_init_from_model(model.ptr, params)
         if not ptr:
             raise LlamaLoadError("llama.cpp could not create a context")
@@ -174,13 +176,14 @@ class LlamaContext:
     def clear(self) -> None:
         llama_cpp.llama_memory_clear(self.memory, True)
 
-    def sequence_embedding(self, seq_id: int) -> list[float]:
-        ptr = llama_cpp.llama_get_embeddings_seq(self.ptr, seq_id)
+    def token_embeddings_sum(self, n_outputs: int) -> np.ndarray[Any, np.dtype[np.float64]]:
+        """The sum of the last decode's `n_outputs` token embeddings (an embeddings context)."""
+        ptr = llama_cpp.llama_get_embeddings(self.ptr)
         if not ptr:
-            raise LlamaLoadError("no pooled embedding was produced")
-        values = [float(v) for v in ptr[: self.model.n_embd]]
-        norm = math.sqrt(sum(v * v for v in values)) or 1.0
-        return [v / norm for v in values]
+            raise LlamaLoadError("no embeddings were produced")
+        rows = np.ctypeslib.as_array(ptr, shape=(n_outputs, self.model.n_embd))
+        total: np.ndarray[Any, np.dtype[np.float64]] = rows.sum(axis=0, dtype=np.float64)
+        return total
 
 
 class Batch:

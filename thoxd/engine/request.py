@@ -87,12 +87,25 @@ class Generation:
     _loop: asyncio.AbstractEventLoop = field(default_factory=asyncio.get_running_loop)
     _queue: asyncio.Queue[Event] = field(default_factory=asyncio.Queue)
     _wake: Callable[[], None] = lambda: None
+    # Run on the event loop with the last event (Finished or Failed): the model's use count.
+    _on_end: list[Callable[[], None]] = field(default_factory=list)
 
     def push(self, event: Event) -> None:
         """Called from the engine thread."""
+        deliver = self._queue.put_nowait if isinstance(event, Delta) else self._end
         # A closed loop raises RuntimeError: nobody is listening any more.
         with contextlib.suppress(RuntimeError):
-            self._loop.call_soon_threadsafe(self._queue.put_nowait, event)
+            self._loop.call_soon_threadsafe(deliver, event)
+
+    def on_end(self, callback: Callable[[], None]) -> None:
+        """Call `callback` on the event loop once this generation has ended, however it ends."""
+        self._on_end.append(callback)
+
+    def _end(self, event: Event) -> None:
+        self._queue.put_nowait(event)
+        callbacks, self._on_end = self._on_end, []
+        for callback in callbacks:
+            callback()
 
     def cancel(self) -> None:
         """Called from the event loop; the engine stops this request within one step."""

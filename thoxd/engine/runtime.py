@@ -1,234 +1,134 @@
-"""The engine as the rest of thoxd sees it: catalog models, loaded on demand, each with its own
-scheduler thread; tokenizing, chat templates, generation and embeddings for a loaded model.
+"""The engine as the rest of thoxd sees it: catalog models loaded on demand within a memory
+budget, and unloaded when idle too long or when a load needs their room.
+
+Residency rules (README, "Models"):
+- a request for a model that is not loaded loads it and waits; concurrent requests share the load;
+- before loading, the file passes the GGUF gate and its memory is estimated from the header; a
+  model larger than the whole budget is refused (507) with the estimate; otherwise idle models
+  are evicted least recently used first; if the rest are busy or pinned the load is refused for
+  now (503 with Retry-After) and nothing is evicted;
+- a model with a running, queued or starting request is never evicted; a pinned one only goes
+  when unloaded explicitly; keep_alive unloads an idle model after its time;
+- a failed load leaves every resident model serving.
+All of this runs on the event loop; only the loads and unloads themselves go to threads.
 """
 
 from __future__ import annotations
 
 import asyncio
+import contextlib
 import logging
+import math
 import time
-from collections.abc import Callable, Sequence
+from collections import Counter
+from collections.abc import AsyncIterator, Callable
 from dataclasses import dataclass
 from pathlib import Path
-from typing import Any
 
 from thoxd.catalog import Catalog, ModelSpec
-from thoxd.engine.llama import (
-    ContextConfig,
-    LlamaContext,
-    LlamaLoadError,
-    LlamaModel,
-    backend_init,
-    route_llama_logs,
-)
-from thoxd.engine.request import Finished, Generation
-from thoxd.engine.scheduler import Scheduler, SchedulerStats
-from thoxd.engine.templates import ChatTemplate, TemplateInvalid
+from thoxd.engine.llama import LlamaLoadError, backend_init, route_llama_logs
+from thoxd.engine.memory import MemoryEstimate, estimate_memory
+from thoxd.engine.model import EMBED_BATCH, EngineConfig, LoadedModel
+from thoxd.engine.request import Finished
 from thoxd.errors import (
-    ContextLengthExceeded,
     EngineFailure,
-    ModelNotReady,
-    ThoxdError,
-    UnsupportedCapability,
+    InsufficientMemory,
+    MemoryBusy,
+    ModelBusy,
+    ModelFileRejected,
 )
 from thoxd.gguf import GGUFRejected, check_gguf
-from thoxd.modelfiles import ModelFileError, ensure_model_file
+from thoxd.modelfiles import ModelFileError, ensure_model_file, model_path
+from thoxd.units import format_bytes
+
+__all__ = ["Engine", "EngineConfig", "LoadedModel"]
 
 logger = logging.getLogger("thoxd.engine")
 
-# Prompts longer than this are tokenized off the event loop.
-_INLINE_TOKENIZE_CHARS = 4096
+# The keep_alive clock is checked at least this often (seconds).
+_REAP_INTERVAL = 1.0
 
 
 @dataclass(frozen=True)
-class EngineConfig:
-    models_dir: Path
-    threads: int
-    slots: int
-    queue_size: int
-    batch_size: int
+class Prepared:
+    """A model file that passed the gate, with its estimated cost."""
 
-
-class LoadedModel:
-    """One catalog model in memory: weights, a generation context and its scheduler."""
-
-    def __init__(
-        self,
-        spec: ModelSpec,
-        path: Path,
-        config: EngineConfig,
-        on_finished: Callable[[str, Finished], None] | None = None,
-    ) -> None:
-        self.spec = spec
-        self.n_ctx = spec.n_ctx
-        self.loaded_at = time.time()
-        self._config = config
-        self.llama = LlamaModel(path, n_gpu_layers=spec.n_gpu_layers)
-        try:
-            self._ctx = LlamaContext(
-                self.llama,
-                ContextConfig(
-                    # Unified KV sized so every slot can hold a full context at once: a request
-                    # is never cut short because others are using the cache.
-                    n_ctx=spec.n_ctx * config.slots,
-                    n_seq_max=config.slots,
-                    n_batch=config.batch_size,
-                    n_threads=config.threads,
-                ),
-            )
-        except LlamaLoadError:
-            self.llama.close()
-            raise
-        self.scheduler = Scheduler(
-            self.llama,
-            self._ctx,
-            n_slots=config.slots,
-            n_ctx_seq=spec.n_ctx,
-            queue_size=config.queue_size,
-            name=spec.id,
-            on_finished=(lambda f: on_finished(spec.id, f)) if on_finished else None,
-        )
-        self._embed_ctx: LlamaContext | None = None
-        self.template = self._chat_template()
-        self.scheduler.start()
-
-    def _chat_template(self) -> ChatTemplate | None:
-        source = self.spec.chat_template or self.llama.meta("tokenizer.chat_template")
-        if not source:
-            return None
-        try:
-            return ChatTemplate(source, bos_token="<bos>" if self.llama.add_bos else "")
-        except TemplateInvalid as exc:
-            # The model still serves completions and embeddings; chat answers 400.
-            logger.warning("model %s: %s; chat is disabled", self.spec.id, exc)
-            return None
-
-    # -- prompts ---------------------------------------------------------------------------
-
-    def render_chat(self, messages: Sequence[dict[str, Any]]) -> str:
-        if "chat" not in self.spec.capabilities or self.template is None:
-            raise UnsupportedCapability(
-                f"The model '{self.spec.id}' does not do chat completions.", param="model"
-            )
-        return self.template.render(messages)
-
-    async def tokenize(self, text: str, *, add_special: bool) -> list[int]:
-        if len(text) <= _INLINE_TOKENIZE_CHARS:
-            return self.llama.tokenize(text, add_special=add_special)
-        return await asyncio.to_thread(self.llama.tokenize, text, add_special=add_special)
-
-    def stop_tokens(self, stops: Sequence[str]) -> frozenset[int]:
-        """The stop strings that are a single special token, as token ids."""
-        ids = set()
-        for stop in stops:
-            tokens = self.llama.tokenize(stop, add_special=False, parse_special=True)
-            if len(tokens) == 1 and not self.llama.piece(tokens[0]):
-                ids.add(tokens[0])
-        return frozenset(ids)
-
-    def check_fits(self, n_prompt: int, param: str) -> None:
-        """A prompt must leave room for at least one generated token."""
-        if n_prompt + 1 > self.n_ctx:
-            raise ContextLengthExceeded(n_prompt, self.n_ctx, param=param)
-
-    # -- work ------------------------------------------------------------------------------
-
-    def submit(self, gen: Generation) -> None:
-        self.scheduler.submit(gen)
-
-    async def embed(self, tokens: list[int]) -> list[float]:
-        if "embeddings" not in self.spec.capabilities:
-            raise UnsupportedCapability(
-                f"The model '{self.spec.id}' does not make embeddings.", param="model"
-            )
-        self.check_fits(len(tokens) - 1, "input")
-        future = self.scheduler.run_job(lambda: self._embed_now(tokens))
-        result: list[float] = await asyncio.wrap_future(future)
-        return result
-
-    def _embed_now(self, tokens: list[int]) -> list[float]:
-        """Runs on the scheduler thread: a second context over the same weights."""
-        from thoxd.engine.llama import Batch
-
-        if self._embed_ctx is None:
-            self._embed_ctx = LlamaContext(
-                self.llama,
-                ContextConfig(
-                    n_ctx=self.n_ctx,
-                    n_seq_max=1,
-                    n_batch=self.n_ctx,
-                    n_threads=self._config.threads,
-                    embeddings=True,
-                ),
-            )
-        ctx = self._embed_ctx
-        ctx.clear()
-        batch = Batch(max(len(tokens), 1))
-        try:
-            for pos, token in enumerate(tokens):
-                batch.add(token, pos, 0, logits=True)
-            if ctx.decode(batch) != 0:
-                raise EngineFailure("The model failed to embed this input.")
-            return ctx.sequence_embedding(0)
-        finally:
-            batch.close()
-
-    def stats(self) -> SchedulerStats:
-        return self.scheduler.stats()
-
-    def close(self) -> None:
-        self.scheduler.stop()
-        for ctx in (self._embed_ctx, self._ctx):
-            if ctx is not None:
-                ctx.close()
-        self.llama.close()
+    path: Path
+    memory: MemoryEstimate
 
 
 class Engine:
-    """Owns every loaded model. Loads run in a worker thread; one load per model at a time."""
-
     def __init__(self, catalog: Catalog, config: EngineConfig) -> None:
         self.catalog = catalog
         self.config = config
         self._loaded: dict[str, LoadedModel] = {}
         self._loading: dict[str, asyncio.Task[LoadedModel]] = {}
+        self._reserved: dict[str, int] = {}  # bytes held for loads in progress
+        self._unloading: set[asyncio.Task[None]] = set()
         self._errors: dict[str, str] = {}
+        self._load_counts: Counter[str] = Counter()
         self._started = False
+        self._reaper: asyncio.Task[None] | None = None
+        self._idle = asyncio.Event()
         # Called on a model's engine thread with (model id, Finished) for every finished
         # generation: the one place tokens and latencies are counted (thoxd.metrics). Quick only.
         self.on_finished: Callable[[str, Finished], None] | None = None
 
-    def _start_backend(self) -> None:
-        if not self._started:
-            route_llama_logs()
-            backend_init()
-            self._started = True
+    # -- what is where (never touches a model's idle clock) ---------------------------------
+
+    @property
+    def budget(self) -> int:
+        return self.config.memory_budget
+
+    def used(self) -> int:
+        """Bytes held by loaded models and reserved by loads in progress."""
+        return sum(m.memory.total for m in self._loaded.values()) + sum(self._reserved.values())
 
     def state(self, model_id: str) -> str:
-        if model_id in self._loaded:
-            return "loaded"
         if model_id in self._loading:
             return "loading"
+        if model_id in self._loaded:
+            return "loaded"
         return "error" if model_id in self._errors else "unloaded"
+
+    def error(self, model_id: str) -> str | None:
+        return self._errors.get(model_id)
 
     def loaded(self) -> list[LoadedModel]:
         return list(self._loaded.values())
 
-    def get(self, name: str) -> LoadedModel:
-        """The loaded model behind `name`; 404 if the catalog has no such name, 503 while it is
-        still loading or failed to load."""
+    def resident(self, model_id: str) -> LoadedModel | None:
+        return self._loaded.get(model_id)
+
+    def times_loaded(self, model_id: str) -> int:
+        return self._load_counts[model_id]
+
+    def keep_alive_of(self, spec: ModelSpec) -> float:
+        """A model's own keep_alive when a request sets none."""
+        return self.config.keep_alive if spec.keep_alive is None else spec.keep_alive
+
+    # -- using a model ------------------------------------------------------------------------
+
+    @contextlib.asynccontextmanager
+    async def use(self, name: str, keep_alive: float | None = None) -> AsyncIterator[LoadedModel]:
+        """The model behind `name`, loaded if need be and held (never evicted) until exit.
+        `keep_alive` (a request's own) replaces the model's until the next request."""
+        while True:
+            model = await self.load(name)
+            # Between a load finishing and this task resuming, keep_alive 0 may have taken it.
+            if self._loaded.get(model.spec.id) is model:
+                break
+        with model.lease():
+            model.keep_alive = model.default_keep_alive if keep_alive is None else keep_alive
+            yield model
+        self._idle.set()
+
+    async def load(self, name: str) -> LoadedModel:
+        """Load (or join the load of) a catalog model; 404 for a name the catalog lacks."""
         spec = self.catalog.get(name)
         model = self._loaded.get(spec.id)
         if model is not None:
             return model
-        if spec.id in self._errors:
-            raise ModelNotReady(f"The model '{name}' failed to load: {self._errors[spec.id]}")
-        raise ModelNotReady(f"The model '{name}' is loading. Retry shortly.", param="model")
-
-    async def load(self, name: str) -> LoadedModel:
-        spec = self.catalog.get(name)
-        if spec.id in self._loaded:
-            return self._loaded[spec.id]
         task = self._loading.get(spec.id)
         if task is None:
             task = asyncio.create_task(self._load(spec))
@@ -239,37 +139,176 @@ class Engine:
         started = time.monotonic()
         try:
             self._start_backend()
-            path = await asyncio.to_thread(ensure_model_file, spec, self.config.models_dir)
-            # Our own bounded header check before llama.cpp's C++ parser sees the file.
-            await asyncio.to_thread(check_gguf, path, root=self.config.models_dir)
-            model = await asyncio.to_thread(LoadedModel, spec, path, self.config, self._finished)
-        except (ModelFileError, GGUFRejected, LlamaLoadError) as exc:
+            prepared = await asyncio.to_thread(self._prepare, spec)
+            try:
+                victims = self._plan_room(spec, prepared.memory)
+            except InsufficientMemory as exc:
+                self._errors[spec.id] = exc.message
+                raise
+            self._reserved[spec.id] = prepared.memory.total
+            for victim in victims:
+                logger.info("evicting idle model %s to make room for %s", victim.spec.id, spec.id)
+                self._unload_now(victim)
+            await self._settled()
+            model = await asyncio.to_thread(
+                LoadedModel, spec, prepared.path, self.config, self._finished, prepared.memory
+            )
+        except (ModelFileError, GGUFRejected) as exc:
             self._errors[spec.id] = str(exc)
+            logger.error("model %s was refused: %s", spec.id, exc)
+            raise ModelFileRejected(spec.id, str(exc)) from None
+        except LlamaLoadError as exc:
+            self._errors[spec.id] = "llama.cpp could not load the file"
             logger.error("model %s failed to load: %s", spec.id, exc)
             raise EngineFailure(f"The model '{spec.id}' failed to load.") from None
-        except ThoxdError:
-            raise
         finally:
             self._loading.pop(spec.id, None)
+            self._reserved.pop(spec.id, None)
         self._errors.pop(spec.id, None)
         self._loaded[spec.id] = model
+        self._load_counts[spec.id] += 1
+        self._idle.set()  # its keep_alive clock starts now
         logger.info(
-            "model %s loaded in %.1f s (n_ctx %d, %d slots, %d threads)",
+            "model %s loaded in %.1f s (n_ctx %d, %d slots, %s; %s of %s budget in use)",
             spec.id,
             time.monotonic() - started,
             spec.n_ctx,
             self.config.slots,
-            self.config.threads,
+            prepared.memory.describe(),
+            format_bytes(self.used()),
+            format_bytes(self.budget),
         )
         return model
+
+    def _prepare(self, spec: ModelSpec) -> Prepared:
+        """Off the loop: the file (assembled, sha256 checked), the gate, the estimate."""
+        path = ensure_model_file(spec, self.config.models_dir)
+        return Prepared(path, self._estimate(spec, path))
+
+    def estimate(self, spec: ModelSpec) -> MemoryEstimate | None:
+        """The cost of `spec` if its file is present and passes the gate (a blocking read)."""
+        try:
+            return self._estimate(spec, model_path(spec, self.config.models_dir))
+        except (ModelFileError, GGUFRejected):
+            return None
+
+    def _estimate(self, spec: ModelSpec, path: Path) -> MemoryEstimate:
+        # Our own bounded header check, before llama.cpp's C++ parser ever sees the file.
+        info = check_gguf(path, root=self.config.models_dir)
+        return estimate_memory(
+            info,
+            n_ctx=spec.n_ctx,
+            slots=self.config.slots,
+            batch_size=self.config.batch_size,
+            embeddings="embeddings" in spec.capabilities,
+            embed_batch=EMBED_BATCH,
+        )
+
+    def _plan_room(self, spec: ModelSpec, need: MemoryEstimate) -> list[LoadedModel]:
+        """The idle models to evict (least recently used first) so `need` fits, or an error."""
+        if need.total > self.budget:
+            raise InsufficientMemory(
+                f"The model '{spec.id}' needs {need.describe()}, more than the whole memory "
+                f"budget of {format_bytes(self.budget)}. Lower its n_ctx or the slots, or raise "
+                "memory_budget."
+            )
+        free = self.budget - self.used()
+        victims: list[LoadedModel] = []
+        candidates = [m for m in self._loaded.values() if not m.busy and not m.spec.pinned]
+        for model in sorted(candidates, key=lambda m: m.last_used):
+            if free >= need.total:
+                break
+            victims.append(model)
+            free += model.memory.total
+        if free < need.total:
+            held = ", ".join(
+                f"{m.spec.id} ({'pinned' if m.spec.pinned else 'busy'})"
+                for m in self._loaded.values()
+                if m.busy or m.spec.pinned
+            )
+            raise MemoryBusy(
+                f"The model '{spec.id}' needs {need.describe()}; {format_bytes(max(free, 0))} "
+                f"of the {format_bytes(self.budget)} budget can be freed now, the rest is held "
+                f"by {held or 'loads in progress'}. Retry when they are idle."
+            )
+        return victims
+
+    # -- unloading ----------------------------------------------------------------------------
+
+    async def unload(self, name: str) -> bool:
+        """Unload a model now; False if it was not loaded. 409 while it is busy or loading."""
+        spec = self.catalog.get(name)
+        if spec.id in self._loading:
+            raise ModelBusy(f"The model '{spec.id}' is loading; unload it when it is loaded.")
+        model = self._loaded.get(spec.id)
+        if model is None:
+            return False
+        if model.busy:
+            stats = model.stats()
+            raise ModelBusy(
+                f"The model '{spec.id}' is serving {stats.running} running and {stats.waiting} "
+                "queued requests; unload it when they are done.",
+                running=stats.running,
+                waiting=stats.waiting,
+            )
+        self._unload_now(model)
+        await self._settled()
+        return True
+
+    def _unload_now(self, model: LoadedModel) -> None:
+        """Out of the table at once (new requests load afresh); freed in a thread."""
+        del self._loaded[model.spec.id]
+        task = asyncio.create_task(asyncio.to_thread(model.close))
+        self._unloading.add(task)
+        task.add_done_callback(self._unloading.discard)
+
+    async def _settled(self) -> None:
+        """Until every unload in progress has freed its memory."""
+        if self._unloading:
+            await asyncio.gather(*self._unloading, return_exceptions=True)
+
+    async def _reap(self) -> None:
+        """Unload models idle past their keep_alive; pinned ones stay."""
+        while True:
+            now = time.monotonic()
+            wait = _REAP_INTERVAL
+            for model in list(self._loaded.values()):
+                if model.spec.pinned or model.busy or math.isinf(model.keep_alive):
+                    continue
+                left = model.keep_alive - model.idle_for(now)
+                if left <= 0:
+                    logger.info("model %s idle past its keep_alive: unloading", model.spec.id)
+                    self._unload_now(model)
+                else:
+                    wait = min(wait, left)
+            self._idle.clear()
+            with contextlib.suppress(TimeoutError):
+                await asyncio.wait_for(self._idle.wait(), timeout=wait)
+
+    # -- lifecycle ----------------------------------------------------------------------------
+
+    def start(self) -> None:
+        """Start the keep_alive clock (in the lifespan: it needs a running loop)."""
+        if self._reaper is None:
+            self._reaper = asyncio.create_task(self._reap())
+
+    def _start_backend(self) -> None:
+        if not self._started:
+            route_llama_logs()
+            backend_init()
+            self._started = True
 
     def _finished(self, model_id: str, finished: Finished) -> None:
         if self.on_finished is not None:
             self.on_finished(model_id, finished)
 
     async def close(self) -> None:
+        if self._reaper is not None:
+            self._reaper.cancel()
+            self._reaper = None
         for task in list(self._loading.values()):
             task.cancel()
         models, self._loaded = list(self._loaded.values()), {}
+        await self._settled()
         for model in models:
             await asyncio.to_thread(model.close)

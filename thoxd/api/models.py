@@ -1,0 +1,158 @@
+"""The models surface: OpenAI's `GET /v1/models[/{id}]`, and the management routes of the
+self-hosted /generate server's docs (`/models/load`, `/models/unload`, `/models/current`,
+`/models/available`). Reading any of them never loads a model or touches its idle clock.
+
+Shapes (README, "Models"): every model is one object, the same in every listing:
+    {"id", "object": "model", "created", "owned_by", "aliases", "description", "state",
+     "context_window", "n_ctx", "max_tokens", "capabilities", "pinned", "keep_alive",
+     "memory": {"total_bytes", ...} | null, "error": str (state "error" only)}
+`/models/current` adds each loaded model's slots, idle time and expiry, and the budget.
+"""
+
+from __future__ import annotations
+
+import asyncio
+import math
+import time
+from typing import Any
+
+from starlette.requests import Request
+from starlette.responses import JSONResponse, Response
+from starlette.routing import Route
+
+from thoxd.catalog import ModelSpec
+from thoxd.engine.runtime import Engine
+from thoxd.errors import InvalidRequest
+from thoxd.schemas import ModelAction, parse
+from thoxd.units import format_duration
+
+
+class ModelRoutes:
+    def __init__(self, engine: Engine) -> None:
+        self.engine = engine
+
+    def routes(self) -> list[Route]:
+        return [
+            Route("/v1/models", self.list_models, methods=["GET"]),
+            Route("/v1/models/{model_id:path}", self.get_model, methods=["GET"]),
+            Route("/models/available", self.available, methods=["GET"]),
+            Route("/models/current", self.current, methods=["GET"]),
+            Route("/models/load", self.load, methods=["POST"]),
+            Route("/models/unload", self.unload, methods=["POST"]),
+        ]
+
+    # -- reading ------------------------------------------------------------------------------
+
+    async def list_models(self, request: Request) -> Response:
+        data = [self.model_object(spec) for spec in self.engine.catalog]
+        return JSONResponse({"object": "list", "data": data})
+
+    async def get_model(self, request: Request) -> Response:
+        spec = self.engine.catalog.get(request.path_params["model_id"])
+        return JSONResponse(self.model_object(spec))
+
+    async def available(self, request: Request) -> Response:
+        """The catalog, with what each model would cost to load (read from its GGUF header)."""
+        estimates = await asyncio.to_thread(
+            lambda: {spec.id: self.engine.estimate(spec) for spec in self.engine.catalog}
+        )
+        data = []
+        for spec in self.engine.catalog:
+            entry = self.model_object(spec)
+            estimate = estimates[spec.id]
+            entry["memory_estimate"] = estimate.as_dict() if estimate else None
+            data.append(entry)
+        return JSONResponse({"object": "list", "data": data, "memory": self._budget()})
+
+    async def current(self, request: Request) -> Response:
+        now, wall = time.monotonic(), time.time()
+        data = []
+        for model in sorted(self.engine.loaded(), key=lambda m: -m.last_used):
+            entry = self.model_object(model.spec)
+            stats = model.stats()
+            idle = model.idle_for(now)
+            expires = None
+            if not (model.spec.pinned or model.busy or math.isinf(model.keep_alive)):
+                expires = round(wall + max(model.keep_alive - idle, 0.0), 3)
+            entry.update(
+                slots={"total": stats.slots, "running": stats.running, "waiting": stats.waiting},
+                busy=model.busy,
+                idle_seconds=round(idle, 3),
+                expires_at=expires,
+            )
+            data.append(entry)
+        return JSONResponse(
+            {
+                "object": "list",
+                # The most recently used model: the "current model" of single-model clients.
+                "model_id": data[0]["id"] if data else None,
+                "data": data,
+                "memory": self._budget(),
+            }
+        )
+
+    def model_object(self, spec: ModelSpec) -> dict[str, Any]:
+        model = self.engine.resident(spec.id)
+        state = self.engine.state(spec.id)
+        keep_alive = model.keep_alive if model else self.engine.keep_alive_of(spec)
+        entry: dict[str, Any] = {
+            "id": spec.id,
+            "object": "model",
+            "created": int(model.loaded_at) if model else 0,
+            "owned_by": "thoxd",
+            "aliases": list(spec.aliases),
+            "description": spec.description,
+            "state": state,
+            "context_window": spec.n_ctx,
+            "n_ctx": spec.n_ctx,
+            "max_tokens": spec.n_ctx,
+            "capabilities": sorted(spec.capabilities),
+            "pinned": spec.pinned,
+            "keep_alive": format_duration(keep_alive),
+            "memory": model.memory.as_dict() if model else None,
+        }
+        if state == "error":
+            entry["error"] = self.engine.error(spec.id)
+        return entry
+
+    def _budget(self) -> dict[str, int]:
+        used = self.engine.used()
+        budget = self.engine.budget
+        return {"budget_bytes": budget, "used_bytes": used, "free_bytes": max(budget - used, 0)}
+
+    # -- changing -----------------------------------------------------------------------------
+
+    async def load(self, request: Request) -> Response:
+        """Load a model and answer when it serves (already loaded: at once)."""
+        action = parse(ModelAction, await request.body())
+        if action.model_id is None:
+            raise InvalidRequest('Say which model to load: {"model_id": ...}.', param="model_id")
+        async with self.engine.use(action.model_id, action.keep_alive) as model:
+            return JSONResponse(self.model_object(model.spec))
+
+    async def unload(self, request: Request) -> Response:
+        """Unload a model now; 409 while it serves requests (nothing is cut short).
+
+        Without a body, the one loaded model is meant (the /generate server's form)."""
+        body = await request.body()
+        action = parse(ModelAction, body) if body.strip() else ModelAction()
+        model_id = action.model_id
+        if model_id is None:
+            loaded = self.engine.loaded()
+            if len(loaded) != 1:
+                raise InvalidRequest(
+                    f"{len(loaded)} models are loaded: say which to unload with "
+                    '{"model_id": ...}.',
+                    param="model_id",
+                )
+            model_id = loaded[0].spec.id
+        spec = self.engine.catalog.get(model_id)
+        was_loaded = await self.engine.unload(spec.id)
+        return JSONResponse(
+            {
+                "id": spec.id,
+                "object": "model",
+                "state": self.engine.state(spec.id),
+                "unloaded": was_loaded,
+            }
+        )
