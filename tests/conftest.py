@@ -3,6 +3,7 @@
 from __future__ import annotations
 
 import os
+import shutil
 import socket
 import subprocess
 import sys
@@ -40,6 +41,26 @@ def models_dir(default_spec: ModelSpec) -> Path:
 @pytest.fixture(scope="session")
 def model_file(models_dir: Path, default_spec: ModelSpec) -> Path:
     return models_dir / default_spec.path
+
+
+GEMMA = "gemma.gguf"
+
+
+@pytest.fixture(scope="session")
+def shelf(tmp_path_factory: pytest.TempPathFactory, model_file: Path) -> Path:
+    """A models dir holding the Gemma file (as gemma.gguf) and a hostile file beside it, for
+    catalogs that serve the one file under several ids."""
+    root = tmp_path_factory.mktemp("models")
+    try:
+        os.link(model_file, root / GEMMA)
+    except OSError:  # another filesystem
+        shutil.copyfile(model_file, root / GEMMA)
+    # A GGUF header whose first key claims 2**40 bytes: the gate must refuse it unread.
+    (root / "hostile.gguf").write_bytes(
+        b"GGUF" + (3).to_bytes(4, "little") + (0).to_bytes(8, "little") + (1).to_bytes(8, "little")
+        + (1 << 40).to_bytes(8, "little") + b"x" * 64
+    )  # fmt: skip
+    return root
 
 
 def free_port() -> int:

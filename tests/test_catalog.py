@@ -2,6 +2,7 @@
 
 from __future__ import annotations
 
+import math
 from pathlib import Path
 
 import pytest
@@ -166,3 +167,40 @@ def test_model_spec_is_frozen() -> None:
     spec = ModelSpec(id="x", path="x.gguf")
     with pytest.raises(ValueError):
         spec.n_ctx = 1  # type: ignore[misc]
+
+
+def test_pinned_and_keep_alive_default_to_unset(tmp_path: Path) -> None:
+    spec = load(tmp_path, GOOD_ENTRY).get("tiny")
+    assert spec.pinned is False
+    assert spec.keep_alive is None
+
+
+def test_pinned_entry(tmp_path: Path) -> None:
+    assert load(tmp_path, GOOD_ENTRY + "pinned = true\n").get("tiny").pinned is True
+
+
+@pytest.mark.parametrize("value", ['"maybe"', '"yes"', "1"])
+def test_bad_pinned_names_entry_and_field(tmp_path: Path, value: str) -> None:
+    message = catalog_error(tmp_path, GOOD_ENTRY + f"pinned = {value}\n")
+    assert "models[0] (tiny): pinned" in message
+
+
+@pytest.mark.parametrize(
+    ("value", "seconds"),
+    [('"5m"', 300.0), ('"1h30m"', 5400.0), ("600", 600.0), ("0", 0.0)],
+)
+def test_keep_alive_is_seconds(tmp_path: Path, value: str, seconds: float) -> None:
+    spec = load(tmp_path, GOOD_ENTRY + f"keep_alive = {value}\n").get("tiny")
+    assert spec.keep_alive == seconds
+
+
+@pytest.mark.parametrize("value", ['"forever"', "-1"])
+def test_keep_alive_without_limit(tmp_path: Path, value: str) -> None:
+    spec = load(tmp_path, GOOD_ENTRY + f"keep_alive = {value}\n").get("tiny")
+    assert spec.keep_alive == math.inf
+
+
+@pytest.mark.parametrize("value", ['"soon"', '"5x"', '""', "true", "[1]"])
+def test_bad_keep_alive_names_entry_and_field(tmp_path: Path, value: str) -> None:
+    message = catalog_error(tmp_path, GOOD_ENTRY + f"keep_alive = {value}\n")
+    assert message.startswith("models.toml: models[0] (tiny): keep_alive")

@@ -7,7 +7,11 @@ import pytest
 from thoxd.errors import (
     ContextLengthExceeded,
     EngineFailure,
+    InsufficientMemory,
     InvalidRequest,
+    MemoryBusy,
+    ModelBusy,
+    ModelFileRejected,
     ModelNotFound,
     ModelNotReady,
     NotFound,
@@ -29,10 +33,14 @@ from thoxd.errors import (
         (UnsupportedCapability("no"), 400, "invalid_request_error", "unsupported_capability"),
         (NotFound("gone"), 404, "invalid_request_error", "not_found"),
         (ModelNotFound("m"), 404, "invalid_request_error", "model_not_found"),
+        (ModelBusy("serving"), 409, "invalid_request_error", "model_busy"),
         (PayloadTooLarge(1024), 413, "invalid_request_error", "payload_too_large"),
+        (ModelFileRejected("m", "bad"), 422, "invalid_request_error", "model_file_rejected"),
+        (InsufficientMemory("big"), 507, "server_error", "insufficient_memory"),
         (Unavailable("later"), 503, "server_error", "unavailable"),
         (QueueFull(3), 503, "server_error", "queue_full"),
         (ModelNotReady("loading"), 503, "server_error", "model_loading"),
+        (MemoryBusy("held"), 503, "server_error", "memory_busy"),
         (ShuttingDown("bye"), 503, "server_error", "shutting_down"),
         (EngineFailure("oops"), 500, "server_error", "engine_error"),
     ],
@@ -86,7 +94,9 @@ def test_queue_full_has_retry_after() -> None:
     assert "16" in error.message
 
 
-@pytest.mark.parametrize(("cls", "seconds"), [(ModelNotReady, "2"), (ShuttingDown, "5")])
+@pytest.mark.parametrize(
+    ("cls", "seconds"), [(ModelNotReady, "2"), (MemoryBusy, "5"), (ShuttingDown, "5")]
+)
 def test_other_unavailable_errors_have_their_own_retry_after(
     cls: type[Unavailable], seconds: str
 ) -> None:
@@ -95,7 +105,17 @@ def test_other_unavailable_errors_have_their_own_retry_after(
 
 @pytest.mark.parametrize(
     "error",
-    [InvalidRequest("x"), NotFound("x"), PayloadTooLarge(1), EngineFailure("x"), ThoxdError("x")],
+    [
+        InvalidRequest("x"),
+        NotFound("x"),
+        PayloadTooLarge(1),
+        EngineFailure("x"),
+        ThoxdError("x"),
+        ModelBusy("x"),
+        ModelFileRejected("m", "x"),
+        InsufficientMemory("x"),
+    ],
+    ids=lambda e: type(e).__name__,
 )
 def test_only_unavailable_errors_send_headers(error: ThoxdError) -> None:
     assert error.headers == {}
@@ -126,3 +146,17 @@ def test_model_not_found_keeps_a_64_character_name_whole() -> None:
 
 def test_payload_too_large_states_the_limit() -> None:
     assert "1048576 bytes" in PayloadTooLarge(1 << 20).message
+
+
+def test_model_file_rejected_names_the_model_and_the_reason() -> None:
+    error = ModelFileRejected("qwen-0.5b", "tensor 'x' data lies past the end of the file")
+    inner = error.envelope()["error"]
+    assert "'qwen-0.5b'" in inner["message"]
+    assert "tensor 'x' data lies past the end of the file" in inner["message"]
+    assert inner["param"] == "model"
+
+
+def test_memory_busy_is_unavailable_and_the_507_is_not() -> None:
+    # A 503 tells clients to retry; a model larger than the whole budget never fits.
+    assert isinstance(MemoryBusy("x"), Unavailable)
+    assert not isinstance(InsufficientMemory("x"), Unavailable)

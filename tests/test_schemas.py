@@ -3,12 +3,13 @@
 from __future__ import annotations
 
 import json
+import math
 from typing import Any
 
 import pytest
 
 from thoxd.errors import InvalidRequest
-from thoxd.schemas import ChatRequest, CompletionRequest, EmbeddingRequest, parse
+from thoxd.schemas import ChatRequest, CompletionRequest, EmbeddingRequest, ModelAction, parse
 
 USER = {"role": "user", "content": "Hello"}
 
@@ -214,3 +215,68 @@ def test_include_usage_property() -> None:
     assert parse(ChatRequest, chat(stream_options={})).include_usage is False
     on = parse(ChatRequest, chat(stream=True, stream_options={"include_usage": True}))
     assert on.include_usage is True
+
+
+# ---------------------------------------------------------------- keep_alive and /models/*
+
+# One valid body of each kind that takes keep_alive, without it.
+KEEP_ALIVE_BODIES: list[tuple[type[Any], dict[str, Any]]] = [
+    (ChatRequest, {"model": "m", "messages": [USER]}),
+    (CompletionRequest, {"model": "m", "prompt": "Once"}),
+    (EmbeddingRequest, {"model": "m", "input": "text"}),
+]
+KEEP_ALIVE_IDS = ["chat", "completion", "embedding"]
+
+
+@pytest.mark.parametrize(("model", "body"), KEEP_ALIVE_BODIES, ids=KEEP_ALIVE_IDS)
+@pytest.mark.parametrize(
+    ("value", "seconds"),
+    [("5m", 300.0), ("1h30m", 5400.0), (90, 90.0), (2.5, 2.5), (0, 0.0), (-1, math.inf)],
+)
+def test_keep_alive_is_parsed_to_seconds(
+    model: type[Any], body: dict[str, Any], value: Any, seconds: float
+) -> None:
+    # Through JSON bytes, as the HTTP handlers call it.
+    req = parse(model, json.dumps({**body, "keep_alive": value}).encode())
+    assert req.keep_alive == seconds
+
+
+@pytest.mark.parametrize(("model", "body"), KEEP_ALIVE_BODIES, ids=KEEP_ALIVE_IDS)
+def test_keep_alive_absent_or_null_is_none(model: type[Any], body: dict[str, Any]) -> None:
+    assert parse(model, body).keep_alive is None
+    assert parse(model, {**body, "keep_alive": None}).keep_alive is None
+    assert parse(model, {**body, "keep_alive": "forever"}).keep_alive == math.inf
+
+
+@pytest.mark.parametrize(("model", "body"), KEEP_ALIVE_BODIES, ids=KEEP_ALIVE_IDS)
+@pytest.mark.parametrize("value", ["soon", "5x", "", True, [5], {"m": 5}], ids=repr)
+def test_bad_keep_alive_names_the_param(model: type[Any], body: dict[str, Any], value: Any) -> None:
+    error = refused(model, {**body, "keep_alive": value})
+    assert error.param == "keep_alive"
+    assert "'keep_alive'" in error.message
+
+
+def test_model_action_fields_are_optional() -> None:
+    action = parse(ModelAction, b"{}")
+    assert action.model_id is None
+    assert action.keep_alive is None
+
+
+def test_model_action_with_model_and_keep_alive() -> None:
+    action = parse(ModelAction, {"model_id": "thox-coder", "keep_alive": "10m", "extra": 1})
+    assert action.model_id == "thox-coder"
+    assert action.keep_alive == 600.0
+    assert parse(ModelAction, {"keep_alive": -1}).keep_alive == math.inf
+
+
+@pytest.mark.parametrize("model_id", ["", "x" * 257, 7, ["m"]], ids=lambda v: repr(v)[:12])
+def test_model_action_bad_model_id(model_id: Any) -> None:
+    assert refused(ModelAction, {"model_id": model_id}).param == "model_id"
+
+
+def test_model_action_bad_keep_alive() -> None:
+    assert refused(ModelAction, {"model_id": "m", "keep_alive": "soon"}).param == "keep_alive"
+
+
+def test_model_action_accepts_a_256_character_id() -> None:
+    assert parse(ModelAction, {"model_id": "x" * 256}).model_id == "x" * 256

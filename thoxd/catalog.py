@@ -11,7 +11,15 @@ from collections.abc import Iterator
 from pathlib import Path, PurePosixPath
 from typing import Annotated, Literal
 
-from pydantic import BaseModel, BeforeValidator, ConfigDict, Field, ValidationError, field_validator
+from pydantic import (
+    BaseModel,
+    BeforeValidator,
+    ConfigDict,
+    Field,
+    StrictBool,
+    ValidationError,
+    field_validator,
+)
 
 from thoxd.errors import ModelNotFound
 from thoxd.units import parse_duration
@@ -59,7 +67,7 @@ class ModelSpec(BaseModel):
     stop: tuple[str, ...] = ()
     capabilities: frozenset[Capability] = frozenset({"chat", "completion"})
     defaults: SamplingDefaults = SamplingDefaults()
-    pinned: bool = Field(False, description="loaded at start and never evicted")
+    pinned: StrictBool = Field(False, description="loaded at start and never evicted")
     keep_alive: Duration | None = Field(
         None, description="unload after this long idle (default: the daemon's keep_alive)"
     )

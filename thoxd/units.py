@@ -26,7 +26,11 @@ def parse_duration(value: object) -> float:
         text = value.strip().lower()
         if text in _FOREVER:
             return math.inf
-        seconds = _parse_duration_text(text)
+        seconds = (
+            -_parse_duration_text(text[1:])
+            if text.startswith("-")
+            else (_parse_duration_text(text))
+        )
     else:
         raise ValueError("a duration is a number of seconds or text like '5m'")
     if math.isnan(seconds):
@@ -49,7 +53,7 @@ def format_duration(seconds: float) -> str:
     if math.isinf(seconds):
         return "forever"
     whole = round(seconds)
-    if whole < 60 or whole % 60:
+    if whole < 60 or whole % 60 or whole != seconds:
         return f"{seconds:g}s"
     hours, minutes = divmod(whole // 60, 60)
     return (f"{hours}h" if hours else "") + (f"{minutes}m" if minutes else "")
@@ -74,7 +78,7 @@ def parse_size(value: object) -> tuple[int | None, float | None]:
             number, unit = float(match[1]), (match[2] or "").upper()
             base = 1024 if "I" in unit else 1000
             scale = base ** ("BKMGT".index(unit[0])) if unit and unit[0] != "B" else 1
-            if number > 0:
+            if int(number * scale) > 0:
                 return int(number * scale), None
     raise ValueError("a size is bytes, or text like '512MiB', '6GB' or '80%'")
 

@@ -148,24 +148,6 @@ def test_queue_bound_refuses_with_queue_full(
         small.close()
 
 
-def test_embeddings_are_normalised_and_meaningful(model: LoadedModel) -> None:
-    async def embed(text: str) -> list[float]:
-        return await model.embed(model.llama.tokenize(text, add_special=True))
-
-    async def scenario() -> tuple[list[float], list[float], list[float]]:
-        return (
-            await embed("The cat sat on the mat."),
-            await embed("A cat was sitting on the mat."),
-            await embed("Quarterly revenue grew by four percent."),
-        )
-
-    a, b, c = asyncio.run(scenario())
-    assert len(a) == model.llama.n_embd
-    assert sum(v * v for v in a) == pytest.approx(1.0, abs=1e-3)
-    dot = lambda x, y: sum(p * q for p, q in zip(x, y, strict=True))  # noqa: E731
-    assert dot(a, b) > dot(a, c)
-
-
 def test_a_special_token_stop_string_stops_on_the_token(model: LoadedModel) -> None:
     """Control tokens render as no text, so "<start_of_turn>" must stop by token id."""
     special = model.stop_tokens(["<start_of_turn>", "plain text"])
