@@ -13,7 +13,6 @@ from thoxd.errors import (
     ModelBusy,
     ModelFileRejected,
     ModelNotFound,
-    ModelNotReady,
     NotFound,
     PayloadTooLarge,
     QueueFull,
@@ -39,7 +38,6 @@ from thoxd.errors import (
         (InsufficientMemory("big"), 507, "server_error", "insufficient_memory"),
         (Unavailable("later"), 503, "server_error", "unavailable"),
         (QueueFull(3), 503, "server_error", "queue_full"),
-        (ModelNotReady("loading"), 503, "server_error", "model_loading"),
         (MemoryBusy("held"), 503, "server_error", "memory_busy"),
         (ShuttingDown("bye"), 503, "server_error", "shutting_down"),
         (EngineFailure("oops"), 500, "server_error", "engine_error"),
@@ -95,7 +93,7 @@ def test_queue_full_has_retry_after() -> None:
 
 
 @pytest.mark.parametrize(
-    ("cls", "seconds"), [(ModelNotReady, "2"), (MemoryBusy, "5"), (ShuttingDown, "5")]
+    ("cls", "seconds"), [(MemoryBusy, "5"), (ShuttingDown, "5")]
 )
 def test_other_unavailable_errors_have_their_own_retry_after(
     cls: type[Unavailable], seconds: str

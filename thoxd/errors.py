@@ -16,7 +16,6 @@
     ├── InsufficientMemory          507 insufficient_memory     (larger than the budget)
     ├── Unavailable                 503 (with Retry-After)
     │   ├── QueueFull               503 queue_full
-    │   ├── ModelNotReady           503 model_loading
     │   ├── MemoryBusy              503 memory_busy             (room held by busy models)
     │   └── ShuttingDown            503 shutting_down
     └── EngineFailure               500 engine_error
@@ -170,11 +169,6 @@ class QueueFull(Unavailable):
         super().__init__(
             f"The server is busy: {waiting} requests are already waiting. Retry shortly."
         )
-
-
-class ModelNotReady(Unavailable):
-    code = "model_loading"
-    retry_after = 2
 
 
 class MemoryBusy(Unavailable):
