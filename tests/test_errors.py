@@ -92,9 +92,7 @@ def test_queue_full_has_retry_after() -> None:
     assert "16" in error.message
 
 
-@pytest.mark.parametrize(
-    ("cls", "seconds"), [(MemoryBusy, "5"), (ShuttingDown, "5")]
-)
+@pytest.mark.parametrize(("cls", "seconds"), [(MemoryBusy, "5"), (ShuttingDown, "5")])
 def test_other_unavailable_errors_have_their_own_retry_after(
     cls: type[Unavailable], seconds: str
 ) -> None:

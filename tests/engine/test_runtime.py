@@ -17,11 +17,18 @@ import pytest
 
 from tests.conftest import GEMMA
 from tests.engine.events import collect
+from tests.test_gguf import BASE_DATA, BASE_TENSORS, STR, base_kvs, build, kv
 from thoxd.catalog import Catalog, ModelSpec
 from thoxd.engine.request import Generation
 from thoxd.engine.runtime import Engine, EngineConfig, LoadedModel
 from thoxd.engine.sampling import SamplingParams
-from thoxd.errors import InsufficientMemory, MemoryBusy, ModelBusy, ModelFileRejected
+from thoxd.errors import (
+    EngineFailure,
+    InsufficientMemory,
+    MemoryBusy,
+    ModelBusy,
+    ModelFileRejected,
+)
 
 T = TypeVar("T")
 
@@ -252,3 +259,32 @@ def _no_leftover_threads() -> Iterator[None]:
     import threading
 
     assert not [t for t in threading.enumerate() if t.name.startswith("thoxd-engine")]
+
+
+def test_a_file_llama_cpp_refuses_evicts_nothing(shelf: Path) -> None:
+    """The gate passes it (well-formed), llama.cpp does not know its architecture: found out
+    before the idle residents are evicted to make room for it."""
+    odd = shelf / "odd-arch.gguf"
+    odd.write_bytes(
+        build(
+            base_kvs(general__architecture=kv("general.architecture", STR, "no-such-arch")),
+            BASE_TENSORS,
+            BASE_DATA,
+        )
+    )
+    specs = [_spec("a"), _spec("b"), _spec("odd", path=odd.name)]
+
+    async def scenario(engine: Engine) -> None:
+        await _touch(engine, "a")
+        await _touch(engine, "b")
+        with pytest.raises(EngineFailure):
+            await engine.load("odd")
+        assert engine.state("odd") == "error"
+        assert engine.state("a") == engine.state("b") == "loaded"
+
+    engine = _engine(shelf, specs, budget_models=2.5)
+    odd_cost, a_cost = engine.estimate(specs[2]), engine.estimate(specs[0])
+    assert odd_cost is not None and a_cost is not None
+    # It fits the budget alone, but not beside a and b: loading it would evict.
+    assert engine.budget - 2 * a_cost.total < odd_cost.total < engine.budget
+    _run(engine, scenario)

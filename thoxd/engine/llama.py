@@ -62,6 +62,17 @@ class LlamaLoadError(Exception):
     """llama.cpp refused a model or a context (the reason is in the log)."""
 
 
+def probe_model(path: Path) -> None:
+    """Let llama.cpp read a file's hyperparameters and vocabulary, not its weights (~0.3 s for
+    Gemma 3): an architecture it does not know fails here, before anything is evicted for it."""
+    params = llama_cpp.llama_model_default_params()
+    params.vocab_only = True
+    ptr = llama_cpp.llama_model_load_from_file(str(path).encode(), params)
+    if not ptr:
+        raise LlamaLoadError("llama.cpp could not read the model file")
+    llama_cpp.llama_model_free(ptr)
+
+
 class LlamaModel:
     """Weights and vocabulary of one GGUF file."""
 

@@ -9,7 +9,8 @@ Residency rules (README, "Models"):
   now (503 with Retry-After) and nothing is evicted;
 - a model with a running, queued or starting request is never evicted; a pinned one only goes
   when unloaded explicitly; keep_alive unloads an idle model after its time;
-- a failed load leaves every resident model serving.
+- a failed load leaves every resident model serving: the file is checked (gate, sha256, and
+  llama.cpp's own reading of its header when the load would evict) before anything is evicted.
 All of this runs on the event loop; only the loads and unloads themselves go to threads.
 """
 
@@ -26,7 +27,7 @@ from dataclasses import dataclass
 from pathlib import Path
 
 from thoxd.catalog import Catalog, ModelSpec
-from thoxd.engine.llama import LlamaLoadError, backend_init, route_llama_logs
+from thoxd.engine.llama import LlamaLoadError, backend_init, probe_model, route_llama_logs
 from thoxd.engine.memory import MemoryEstimate, estimate_memory
 from thoxd.engine.model import EMBED_BATCH, EngineConfig, LoadedModel
 from thoxd.engine.request import Finished
@@ -146,6 +147,8 @@ class Engine:
                 self._errors[spec.id] = exc.message
                 raise
             self._reserved[spec.id] = prepared.memory.total
+            if victims:  # what is evicted for a load must not be lost to a file llama.cpp refuses
+                await asyncio.to_thread(probe_model, prepared.path)
             for victim in victims:
                 logger.info("evicting idle model %s to make room for %s", victim.spec.id, spec.id)
                 self._unload_now(victim)
