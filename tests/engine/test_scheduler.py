@@ -174,3 +174,69 @@ def test_a_special_token_stop_string_stops_on_the_token(model: LoadedModel) -> N
 
 def test_log_router_is_one_per_process() -> None:
     assert route_llama_logs() is route_llama_logs()
+
+
+def _prompt(model: LoadedModel, seed: int, words: int) -> list[int]:
+    text = " ".join(f"w{seed}x{i}" for i in range(words))
+    return model.llama.tokenize(text, add_special=True)
+
+
+def test_idle_prefixes_are_parked_while_others_run_and_still_reused(
+    default_spec: ModelSpec, model_file: Path, models_dir: Path
+) -> None:
+    model = _load(default_spec.model_copy(update={"n_ctx": 1024}), model_file, models_dir, slots=2)
+
+    async def scenario() -> None:
+        prefix = _prompt(model, 1, 100)
+        alone = Generation(prompt=[*prefix, 1000], params=GREEDY, max_tokens=2)
+        model.submit(alone)
+        await collect(alone)
+        assert model.stats().parked == 0  # nothing runs: no step, its cells stay in place
+        busy = Generation(prompt=_prompt(model, 2, 20), params=GREEDY, max_tokens=200)
+        model.submit(busy)  # into the empty slot: a shared BOS does not claim the cached one
+        async for _ in busy.events():  # one token out: steps are running
+            break
+        assert model.stats().parked == 1  # the idle prefix left the cache for host memory
+        again = Generation(prompt=[*prefix, 2000], params=GREEDY, max_tokens=2)
+        model.submit(again)
+        _, finished = await collect(again)
+        assert finished.timings.cache_n == len(prefix)  # copied back, then reused
+        busy.cancel()
+        await collect(busy)
+
+    try:
+        asyncio.run(scenario())
+    finally:
+        model.close()
+
+
+def test_parked_prefixes_are_bounded_by_one_context(
+    default_spec: ModelSpec, model_file: Path, models_dir: Path
+) -> None:
+    small = _load(default_spec.model_copy(update={"n_ctx": 512}), model_file, models_dir)
+
+    async def scenario() -> None:
+        prefixes = [_prompt(small, k, 100) for k in range(3)]  # ~300 tokens each
+        first = [Generation(prompt=p, params=GREEDY, max_tokens=1) for p in prefixes]
+        for gen in first:  # one after another: the last one is the most recently used
+            small.submit(gen)
+            await collect(gen)
+        busy = Generation(prompt=_prompt(small, 9, 5), params=GREEDY, max_tokens=100)
+        small.submit(busy)
+        async for _ in busy.events():
+            break
+        # 3 x ~300 tokens > 512: only the most recent prefix stays parked.
+        assert small.stats().parked == 1
+        hits = []
+        for p in (prefixes[0], prefixes[2]):
+            gen = Generation(prompt=[*p, 1000], params=GREEDY, max_tokens=1)
+            small.submit(gen)
+            hits.append((await collect(gen))[1].timings.cache_n)
+        assert hits == [0, len(prefixes[2])]
+        busy.cancel()
+        await collect(busy)
+
+    try:
+        asyncio.run(scenario())
+    finally:
+        small.close()

@@ -187,6 +187,18 @@ class LlamaContext:
     def clear(self) -> None:
         llama_cpp.llama_memory_clear(self.memory, True)
 
+    def seq_save(self, seq_id: int) -> bytes:
+        """A copy of one sequence's cache cells (keys, values, positions), to restore later."""
+        size = llama_cpp.llama_state_seq_get_size(self.ptr, seq_id)
+        buf = (ctypes.c_uint8 * size)()
+        written = llama_cpp.llama_state_seq_get_data(self.ptr, buf, size, seq_id)
+        return ctypes.string_at(buf, written)
+
+    def seq_restore(self, seq_id: int, data: bytes) -> bool:
+        """Put a saved sequence back into (empty) `seq_id`; False if the cache had no room."""
+        buf = (ctypes.c_uint8 * len(data)).from_buffer_copy(data)
+        return bool(llama_cpp.llama_state_seq_set_data(self.ptr, buf, len(data), seq_id))
+
     def token_embeddings_sum(self, n_outputs: int) -> np.ndarray[Any, np.dtype[np.float64]]:
         """The sum of the last decode's `n_outputs` token embeddings (an embeddings context)."""
         ptr = llama_cpp.llama_get_embeddings(self.ptr)

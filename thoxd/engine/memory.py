@@ -2,11 +2,12 @@
 
 The estimate follows what llama.cpp allocates for the contexts thoxd creates (checked against
 its own "buffer size" log lines for Gemma 3 270M: weights 235 MiB, KV 576 MiB, compute 41 MiB,
-output 4 MiB; the process' RSS came to within 10% of the sum):
+output 4 MiB; the process' RSS came to within 10% of their sum):
 
 - weights: the tensor bytes of the file (mapped, and resident once used);
 - KV cache: f16 K and V for every layer over n_ctx x slots cells (unified, full-size SWA), plus
-  the embeddings context's n_ctx cells when the model makes embeddings;
+  up to n_ctx tokens of idle slots parked in host memory (thoxd.engine.scheduler), plus the
+  embeddings context's n_ctx cells when the model makes embeddings;
 - compute: per ubatch, the attention masks, activations and logits of the batch.
 """
 
@@ -105,7 +106,7 @@ def estimate_memory(
 ) -> MemoryEstimate:
     shape = Shape.of(info)
     cells = n_ctx * slots
-    kv = cells * shape.kv_per_token
+    kv = (cells + n_ctx) * shape.kv_per_token  # the cache, and what may be parked beside it
     # Generation: up to one logits row per slot, plus the logits of the worst ubatch.
     compute = shape.compute(cells, batch_size, slots) + slots * shape.n_vocab * _F32
     if embeddings:

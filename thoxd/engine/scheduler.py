@@ -6,6 +6,11 @@ and each sequence whose logits came out samples its next token. Waiting requests
 FIFO order as slots free up, each into the idle slot whose cached tokens share the longest prefix
 with its prompt, so only the rest of the prompt is prefilled.
 
+Idle slots are parked: while other sequences run, an idle slot's cells are copied to host memory
+and removed from the (unified) cache, so each step attends only over the running sequences'
+cells; admitting a request into a parked slot copies them back (~1 ms per 1000 tokens). What is
+parked is bounded by one context's worth of tokens; past it, the least recently used go.
+
 Nothing here blocks the event loop: requests arrive through a locked deque, events leave through
 `Generation.push`. Other work that must own the context (embeddings) runs between steps as jobs.
 """
@@ -53,6 +58,8 @@ class _Slot:
     cached: list[int] = field(default_factory=list)
     run: _Running | None = None
     last_used: float = 0.0
+    # `cached` copied out of the cache while this slot is idle and others run (see above).
+    parked: bytes | None = None
 
 
 def _common_prefix(a: list[int], b: list[int]) -> int:
@@ -68,6 +75,7 @@ class SchedulerStats:
     slots: int
     running: int
     waiting: int
+    parked: int = 0  # idle slots whose cached prefix waits in host memory
 
 
 class Scheduler:
@@ -89,6 +97,7 @@ class Scheduler:
         self._n_ctx_seq = n_ctx_seq
         self._queue_size = queue_size
         self._slots = [_Slot(seq_id=i) for i in range(n_slots)]
+        self._park_cap = n_ctx_seq  # tokens parked in host memory, over all idle slots
         self._batch = Batch(ctx.n_batch)
         self._waiting: deque[Generation] = deque()
         self._jobs: deque[tuple[Callable[[], Any], Future[Any]]] = deque()
@@ -125,7 +134,8 @@ class Scheduler:
 
     def stats(self) -> SchedulerStats:
         running = sum(1 for s in self._slots if s.run is not None)
-        return SchedulerStats(slots=len(self._slots), running=running, waiting=len(self._waiting))
+        parked = sum(1 for s in self._slots if s.parked is not None)
+        return SchedulerStats(len(self._slots), running, len(self._waiting), parked)
 
     def stop(self, timeout: float = 10.0) -> None:
         with self._cond:
@@ -185,15 +195,14 @@ class Scheduler:
 
     def _admit(self, gen: Generation) -> None:
         now = time.monotonic()
-        # The idle slot sharing the longest prefix; among equals, the least recently used, so
-        # the caches most likely to be asked for again survive longest.
-        idle = [s for s in self._slots if s.run is None]
-        shared, _, index = max(
-            (_common_prefix(s.cached, gen.prompt), -s.last_used, i) for i, s in enumerate(idle)
-        )
-        slot = idle[index]
+        slot, shared = self._pick_slot(gen.prompt)
         # The prompt's last token is always decoded anew (see _Running.pending).
         keep = min(shared, len(gen.prompt) - 1)
+        if slot.parked is not None:
+            if keep == 0 or not self._ctx.seq_restore(slot.seq_id, slot.parked):
+                self._ctx.seq_rm(slot.seq_id, -1)
+                keep = 0
+            slot.parked = None
         if keep < len(slot.cached) and not self._ctx.seq_rm(slot.seq_id, keep):
             self._ctx.seq_rm(slot.seq_id, -1)
             keep = 0
@@ -208,6 +217,26 @@ class Scheduler:
             admitted_at=now,
         )
 
+    def _pick_slot(self, prompt: list[int]) -> tuple[_Slot, int]:
+        """The idle slot whose cache serves `prompt` best, and the prefix they share.
+
+        A cache is worth using when it covers half the prompt or more, or when the prompt
+        extends all of it (nothing is lost). Otherwise a short shared start (BOS, a template's
+        header) must not cost another prompt its cache: take an empty slot, else the least
+        recently used one."""
+        idle = [s for s in self._slots if s.run is None]
+        scored = [(_common_prefix(s.cached, prompt), s) for s in idle]
+        useful = [
+            (n, -s.last_used, s.seq_id, s)
+            for n, s in scored
+            if n > 0 and (2 * n >= len(prompt) or n == len(s.cached))
+        ]
+        if useful:
+            n, _, _, slot = max(useful)
+            return slot, n
+        *_, slot = min((bool(s.cached), s.last_used, s.seq_id, s) for s in idle)
+        return slot, _common_prefix(slot.cached, prompt)
+
     def _run_job(self, fn: Callable[[], Any], future: Future[Any]) -> None:
         if not future.set_running_or_notify_cancel():
             return
@@ -221,7 +250,24 @@ class Scheduler:
             if slot.run is not None and slot.run.gen.cancelled:
                 self._finish(slot, "cancelled")
 
+    def _park_idle(self) -> None:
+        """Move idle slots' cells out of the cache (runs before a step, so only while others
+        run); keep the parked total under the cap by dropping the least recently used."""
+        for slot in self._slots:
+            if slot.run is None and slot.cached and slot.parked is None:
+                slot.parked = self._ctx.seq_save(slot.seq_id)
+                self._ctx.seq_rm(slot.seq_id, -1)
+        parked = sorted((s for s in self._slots if s.parked is not None), key=lambda s: s.last_used)
+        total = sum(len(s.cached) for s in parked)
+        for slot in parked:
+            if total <= self._park_cap:
+                break
+            total -= len(slot.cached)
+            slot.parked = None
+            slot.cached.clear()
+
     def _step(self) -> None:
+        self._park_idle()
         batch = self._batch
         batch.clear()
         outputs: list[tuple[_Slot, int]] = []
