@@ -64,8 +64,7 @@ class LoadedModel:
         self.n_ctx = spec.n_ctx
         self.loaded_at = time.time()
         self.memory = memory or MemoryEstimate(path.stat().st_size, 0, 0)
-        self.default_keep_alive = config.keep_alive if spec.keep_alive is None else spec.keep_alive
-        self.keep_alive = self.default_keep_alive
+        self.keep_alive = math.inf  # seconds idle before unloading: the Engine sets it
         self.last_used = time.monotonic()
         self._users = 0
         self._config = config

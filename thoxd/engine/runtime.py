@@ -119,10 +119,12 @@ class Engine:
             # Between a load finishing and this task resuming, keep_alive 0 may have taken it.
             if self._loaded.get(model.spec.id) is model:
                 break
-        with model.lease():
-            model.keep_alive = model.default_keep_alive if keep_alive is None else keep_alive
-            yield model
-        self._idle.set()
+        model.keep_alive = self.keep_alive_of(model.spec) if keep_alive is None else keep_alive
+        try:
+            with model.lease():
+                yield model
+        finally:
+            self._idle.set()  # the keep_alive clock may start
 
     async def load(self, name: str) -> LoadedModel:
         """Load (or join the load of) a catalog model; 404 for a name the catalog lacks."""
@@ -168,6 +170,7 @@ class Engine:
             self._loading.pop(spec.id, None)
             self._reserved.pop(spec.id, None)
         self._errors.pop(spec.id, None)
+        model.keep_alive = self.keep_alive_of(spec)
         self._loaded[spec.id] = model
         self._load_counts[spec.id] += 1
         self._idle.set()  # its keep_alive clock starts now
