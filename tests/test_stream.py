@@ -26,7 +26,14 @@ MODEL = "thox-coder"
 # The device docs' example, verbatim: no "type", no "id".
 DOCS_EXAMPLE = {"model": MODEL, "messages": [{"role": "user", "content": "Explain async/await"}]}
 # Greedy counting never reaches an end of text: generations run until max_tokens or cancel.
-COUNTING = {"model": MODEL, "prompt": "1, 2, 3, 4, 5, 6, 7, 8,", "temperature": 0}
+# Greedy counting runs on for as long as it is allowed to; the catalog's repeat penalty would
+# make it leave the sequence (and sometimes end early), so it is off.
+COUNTING = {
+    "model": MODEL,
+    "prompt": "1, 2, 3, 4, 5, 6, 7, 8,",
+    "temperature": 0,
+    "repeat_penalty": 1.0,
+}
 LONG = {**COUNTING, "max_tokens": 3000}
 
 DELTA_KEYS = {"type", "id", "model", "choices"}

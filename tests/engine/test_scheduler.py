@@ -228,11 +228,11 @@ def test_parked_prefixes_are_bounded_by_one_context(
         # 3 x ~300 tokens > 512: only the most recent prefix stays parked.
         assert small.stats().parked == 1
         hits = []
-        for p in (prefixes[0], prefixes[2]):
+        for p in (prefixes[2], prefixes[0]):
             gen = Generation(prompt=[*p, 1000], params=GREEDY, max_tokens=1)
             small.submit(gen)
             hits.append((await collect(gen))[1].timings.cache_n)
-        assert hits == [0, len(prefixes[2])]
+        assert hits == [len(prefixes[2]), 0]
         busy.cancel()
         await collect(busy)
 

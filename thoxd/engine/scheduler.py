@@ -40,12 +40,15 @@ class _Running:
     gen: Generation
     sampler: Sampler
     text: TextAssembler
-    # Prompt tokens still to prefill. The prompt's last token is never prefilled: it is decoded
-    # like a generated token, so its logits come from the same kernels whether or not the rest
-    # of the prompt was found in the cache (greedy output does not depend on cache hits).
+    # Prompt tokens still to prefill. Alone on the engine, a prompt's last token is not part of
+    # its prefill: it is decoded like a generated token, so its logits come from the same
+    # kernels whether or not the rest of the prompt was found in the cache (greedy output does
+    # not depend on cache hits). Beside other sequences the batch differs from run to run
+    # anyway, so the last token rides in the final prefill chunk (`fused`), saving a step.
     pending: list[int]
     last_token: int
     cache_n: int
+    fused: bool
     admitted_at: float
     first_token_at: float = 0.0
     generated: int = 0
@@ -170,8 +173,9 @@ class Scheduler:
                 return False
             admitted = self._take_admissible()
             job = self._jobs.popleft() if self._jobs else None
+        alone = len(admitted) == 1 and not self._busy()
         for gen in admitted:
-            self._admit(gen)
+            self._admit(gen, alone)
         if job is not None:
             self._run_job(*job)
         self._reap_cancelled()
@@ -193,10 +197,10 @@ class Scheduler:
             taken.append(self._waiting.popleft())
         return taken
 
-    def _admit(self, gen: Generation) -> None:
+    def _admit(self, gen: Generation, alone: bool) -> None:
         now = time.monotonic()
         slot, shared = self._pick_slot(gen.prompt)
-        # The prompt's last token is always decoded anew (see _Running.pending).
+        # The prompt's last token is always computed anew (see _Running.pending).
         keep = min(shared, len(gen.prompt) - 1)
         if slot.parked is not None:
             if keep == 0 or not self._ctx.seq_restore(slot.seq_id, slot.parked):
@@ -211,9 +215,10 @@ class Scheduler:
             gen=gen,
             sampler=Sampler(gen.params, self._model.n_vocab),
             text=TextAssembler(gen.stops),
-            pending=gen.prompt[keep:-1],
+            pending=gen.prompt[keep:-1] if alone else gen.prompt[keep:],
             last_token=gen.prompt[-1],
             cache_n=keep,
+            fused=not alone,
             admitted_at=now,
         )
 
@@ -286,7 +291,14 @@ class Scheduler:
             if run is None or not run.pending or batch.room == 0:
                 continue
             chunk, run.pending = run.pending[: batch.room], run.pending[batch.room :]
-            batch.add_sequence(chunk, len(slot.cached), slot.seq_id)
+            if run.fused and not run.pending:  # the prompt ends here: its last token samples
+                batch.add_sequence(chunk[:-1], len(slot.cached), slot.seq_id)
+                index = batch.add(
+                    chunk[-1], len(slot.cached) + len(chunk) - 1, slot.seq_id, logits=True
+                )
+                outputs.append((slot, index))
+            else:
+                batch.add_sequence(chunk, len(slot.cached), slot.seq_id)
             slot.cached.extend(chunk)
         rc = self._ctx.decode(batch)
         if rc != 0:
