@@ -75,7 +75,12 @@ class ModelRoutes:
             if not (model.spec.pinned or model.busy or math.isinf(model.keep_alive)):
                 expires = round(wall + max(model.keep_alive - idle, 0.0), 3)
             entry.update(
-                slots={"total": stats.slots, "running": stats.running, "waiting": stats.waiting},
+                slots={
+                    "total": stats.slots,
+                    "running": stats.running,
+                    "waiting": stats.waiting,
+                    "parked": stats.parked,  # idle prefixes kept in host memory
+                },
                 busy=model.busy,
                 idle_seconds=round(idle, 3),
                 expires_at=expires,
