@@ -17,7 +17,7 @@ from pydantic import ValidationError
 from thoxd import __version__
 from thoxd.catalog import CatalogError
 from thoxd.models_cli import add_models_parser, run_models
-from thoxd.settings import Settings, load_settings
+from thoxd.settings import Settings, load_settings, settings_error
 
 COMMANDS = ("serve", "models")
 
@@ -71,13 +71,8 @@ def main(argv: Sequence[str] | None = None) -> int:
     overrides = {k: v for k, v in vars(args).items() if k in Settings.model_fields}
     try:
         settings = load_settings(overrides, args.config)
-    except ValidationError as exc:
-        error = exc.errors()[0]
-        field = ".".join(str(p) for p in error["loc"]) or "settings"
-        sys.stderr.write(f"thoxd: invalid setting {field}: {error['msg']}\n")
-        return 2
-    except (FileNotFoundError, ValueError) as exc:
-        sys.stderr.write(f"thoxd: {exc}\n")
+    except (ValidationError, FileNotFoundError, ValueError) as exc:
+        sys.stderr.write(f"thoxd: {settings_error(exc)}\n")
         return 2
 
     from thoxd.server import configure_logging, serve

@@ -24,7 +24,7 @@ from thoxd.catalog import Catalog, CatalogError, ModelSpec
 from thoxd.gguf import GGUFRejected, check_gguf
 from thoxd.modelfiles import ModelFileError, model_path, verify_sha256
 from thoxd.models_add import AddError, add_model, format_size
-from thoxd.settings import Settings, load_settings
+from thoxd.settings import Settings, load_settings, settings_error
 
 _TIMEOUT = 2.0
 _MAX_REPLY = 4 << 20
@@ -108,13 +108,8 @@ def run_models(args: argparse.Namespace) -> int:
     overrides = {n: getattr(args, n) for n in names if getattr(args, n, None) is not None}
     try:
         settings = load_settings(overrides, args.config)
-    except ValidationError as exc:
-        error = exc.errors()[0]
-        field = ".".join(str(p) for p in error["loc"]) or "settings"
-        sys.stderr.write(f"thoxd: invalid setting {field}: {error['msg']}\n")
-        return 2
-    except (FileNotFoundError, ValueError) as exc:
-        sys.stderr.write(f"thoxd: {exc}\n")
+    except (ValidationError, FileNotFoundError, ValueError) as exc:
+        sys.stderr.write(f"thoxd: {settings_error(exc)}\n")
         return 2
     if args.models_command == "add":
         return _add(args, settings)

@@ -12,7 +12,7 @@ from collections.abc import Mapping
 from pathlib import Path
 from typing import Annotated, Any, Literal
 
-from pydantic import AfterValidator, BeforeValidator, Field
+from pydantic import AfterValidator, BeforeValidator, Field, ValidationError
 from pydantic_settings import (
     BaseSettings,
     NoDecode,
@@ -210,6 +210,15 @@ class Settings(BaseSettings):
         file_secret_settings: PydanticBaseSettingsSource,
     ) -> tuple[PydanticBaseSettingsSource, ...]:
         return init_settings, env_settings, TomlConfigSettingsSource(settings_cls)
+
+
+def settings_error(exc: Exception) -> str:
+    """The one line a command prints when `load_settings` refused."""
+    if isinstance(exc, ValidationError):
+        error = exc.errors()[0]
+        field = ".".join(str(p) for p in error["loc"]) or "settings"
+        return f"invalid setting {field}: {error['msg']}"
+    return str(exc)
 
 
 def load_settings(overrides: Mapping[str, Any], config_file: Path | None = None) -> Settings:

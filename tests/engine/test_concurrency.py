@@ -10,11 +10,10 @@ from pathlib import Path
 
 import pytest
 
-from tests.engine.events import collect
+from tests.engine.helpers import collect, load_model
 from thoxd.catalog import ModelSpec
-from thoxd.engine.llama import route_llama_logs
 from thoxd.engine.request import Delta, Finished, Generation
-from thoxd.engine.runtime import EngineConfig, LoadedModel
+from thoxd.engine.runtime import LoadedModel
 from thoxd.engine.sampling import SamplingParams
 
 GREEDY = SamplingParams(temperature=0.0)
@@ -23,9 +22,7 @@ COUNTING = "1, 2, 3, 4, 5, 6, 7, 8,"
 
 @pytest.fixture(scope="module")
 def model(default_spec: ModelSpec, model_file: Path, models_dir: Path) -> Iterator[LoadedModel]:
-    route_llama_logs()
-    config = EngineConfig(models_dir=models_dir, threads=2, slots=4, queue_size=16, batch_size=512)
-    m = LoadedModel(default_spec, model_file, config)
+    m = load_model(default_spec, model_file, models_dir)
     yield m
     m.close()
 

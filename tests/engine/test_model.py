@@ -11,18 +11,15 @@ import psutil  # type: ignore[import-untyped]
 import pytest
 
 import thoxd.engine.model
-from tests.engine.events import collect
+from tests.engine.helpers import collect, load_model
 from thoxd.catalog import ModelSpec
-from thoxd.engine.llama import route_llama_logs
-from thoxd.engine.model import EngineConfig, LoadedModel
+from thoxd.engine.model import LoadedModel
 from thoxd.engine.request import Generation
 from thoxd.engine.sampling import SamplingParams
 
 
 def _load(spec: ModelSpec, model_file: Path, models_dir: Path) -> LoadedModel:
-    route_llama_logs()
-    config = EngineConfig(models_dir=models_dir, threads=2, slots=2, queue_size=4, batch_size=256)
-    return LoadedModel(spec, model_file, config)
+    return load_model(spec, model_file, models_dir, slots=2, queue_size=4, batch_size=256)
 
 
 @pytest.fixture(scope="module")

@@ -16,7 +16,7 @@ from typing import Any, TypeVar
 import pytest
 
 from tests.conftest import GEMMA
-from tests.engine.events import collect
+from tests.engine.helpers import collect
 from tests.test_gguf import BASE_DATA, BASE_TENSORS, STR, base_kvs, build, kv
 from thoxd.catalog import Catalog, ModelSpec
 from thoxd.engine.request import Generation

@@ -9,33 +9,20 @@ from pathlib import Path
 
 import pytest
 
-from tests.engine.events import collect
+from tests.engine.helpers import collect, load_model
 from thoxd.catalog import ModelSpec
 from thoxd.engine.llama import route_llama_logs
 from thoxd.engine.request import Delta, Finished, Generation
-from thoxd.engine.runtime import EngineConfig, LoadedModel
+from thoxd.engine.runtime import LoadedModel
 from thoxd.engine.sampling import SamplingParams
 from thoxd.errors import QueueFull
 
 GREEDY = SamplingParams(temperature=0.0)
 
 
-def _load(spec: ModelSpec, model_file: Path, models_dir: Path, **kw: int) -> LoadedModel:
-    # As in the daemon: llama.cpp logs through our router, also while contexts are freed.
-    route_llama_logs()
-    config = EngineConfig(
-        models_dir=models_dir,
-        threads=2,
-        slots=kw.get("slots", 4),
-        queue_size=kw.get("queue_size", 16),
-        batch_size=kw.get("batch_size", 512),
-    )
-    return LoadedModel(spec, model_file, config)
-
-
 @pytest.fixture(scope="module")
 def model(default_spec: ModelSpec, model_file: Path, models_dir: Path) -> Iterator[LoadedModel]:
-    m = _load(default_spec, model_file, models_dir)
+    m = load_model(default_spec, model_file, models_dir)
     yield m
     m.close()
 
@@ -123,7 +110,7 @@ def test_cancel_frees_the_slot_within_a_step(model: LoadedModel) -> None:
 def test_queue_bound_refuses_with_queue_full(
     default_spec: ModelSpec, model_file: Path, models_dir: Path
 ) -> None:
-    small = _load(default_spec, model_file, models_dir, slots=1, queue_size=1)
+    small = load_model(default_spec, model_file, models_dir, slots=1, queue_size=1)
 
     async def scenario() -> None:
         prompt = small.llama.tokenize("Hello", add_special=True)
@@ -184,7 +171,9 @@ def _prompt(model: LoadedModel, seed: int, words: int) -> list[int]:
 def test_idle_prefixes_are_parked_while_others_run_and_still_reused(
     default_spec: ModelSpec, model_file: Path, models_dir: Path
 ) -> None:
-    model = _load(default_spec.model_copy(update={"n_ctx": 1024}), model_file, models_dir, slots=2)
+    model = load_model(
+        default_spec.model_copy(update={"n_ctx": 1024}), model_file, models_dir, slots=2
+    )
 
     async def scenario() -> None:
         prefix = _prompt(model, 1, 100)
@@ -213,7 +202,7 @@ def test_idle_prefixes_are_parked_while_others_run_and_still_reused(
 def test_parked_prefixes_are_bounded_by_one_context(
     default_spec: ModelSpec, model_file: Path, models_dir: Path
 ) -> None:
-    small = _load(default_spec.model_copy(update={"n_ctx": 512}), model_file, models_dir)
+    small = load_model(default_spec.model_copy(update={"n_ctx": 512}), model_file, models_dir)
 
     async def scenario() -> None:
         prefixes = [_prompt(small, k, 100) for k in range(3)]  # ~300 tokens each

@@ -1,0 +1,44 @@
+"""Engine tests' helpers: a real model loaded as the daemon loads it, and reading events."""
+
+from __future__ import annotations
+
+from pathlib import Path
+
+from thoxd.catalog import ModelSpec
+from thoxd.engine.llama import route_llama_logs
+from thoxd.engine.model import EngineConfig, LoadedModel
+from thoxd.engine.request import Delta, Failed, Finished, Generation
+
+
+def load_model(
+    spec: ModelSpec,
+    model_file: Path,
+    models_dir: Path,
+    *,
+    slots: int = 4,
+    queue_size: int = 16,
+    batch_size: int = 512,
+) -> LoadedModel:
+    # As in the daemon: llama.cpp logs through our router, also while contexts are freed.
+    route_llama_logs()
+    config = EngineConfig(
+        models_dir=models_dir,
+        threads=2,
+        slots=slots,
+        queue_size=queue_size,
+        batch_size=batch_size,
+    )
+    return LoadedModel(spec, model_file, config)
+
+
+async def collect(gen: Generation) -> tuple[str, Finished]:
+    """The generated text and the Finished event; a Failed event raises its error."""
+    parts: list[str] = []
+    async for event in gen.events():
+        if isinstance(event, Delta):
+            parts.append(event.text)
+        elif isinstance(event, Failed):
+            raise event.error
+        else:
+            return "".join(parts), event
+    raise AssertionError("no Finished event")
