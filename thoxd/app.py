@@ -17,7 +17,7 @@ from starlette.responses import JSONResponse, Response
 from thoxd.api.models import ModelRoutes
 from thoxd.api.openai import OpenAIRoutes
 from thoxd.api.system import SystemRoutes
-from thoxd.catalog import Catalog
+from thoxd.catalog import Catalog, CatalogError
 from thoxd.discovery import Discovery
 from thoxd.engine.memory import budget_bytes
 from thoxd.engine.runtime import Engine, EngineConfig
@@ -156,3 +156,26 @@ async def _load_at_start(engine: Engine, default: str) -> None:
             await engine.load(name)
         except ThoxdError as exc:
             logger.error("model %s could not be loaded at start: %s", name, exc.message)
+
+
+def reload_catalog(engine: Engine, settings: Settings) -> bool:
+    """Re-read models.toml (on SIGHUP); an invalid file leaves the old catalog serving."""
+    try:
+        catalog = Catalog.load(settings.catalog)
+        catalog.get(settings.default_model)
+    except CatalogError as exc:
+        logger.error("models.toml not reloaded, the old catalog stays: %s", exc)
+        return False
+    except ThoxdError:
+        logger.error(
+            "models.toml not reloaded, the old catalog stays: it has no default model %r",
+            settings.default_model,
+        )
+        return False
+    stale = engine.replace_catalog(catalog)
+    logger.info(
+        "models.toml reloaded: %d models%s",
+        len(catalog),
+        f"; {', '.join(stale)} will reload with their new entries once idle" if stale else "",
+    )
+    return True

@@ -129,6 +129,10 @@ class Catalog:
                 raise CatalogError(f"{path.name}: {label}: {field}: {first['msg']}") from None
         return cls(specs)
 
+    def find(self, model_id: str) -> ModelSpec | None:
+        """The entry with this id (not alias), if any."""
+        return self._specs.get(model_id)
+
     def get(self, name: str) -> ModelSpec:
         try:
             return self._names[name]

@@ -247,7 +247,8 @@ def _add(args: argparse.Namespace, settings: Settings) -> int:
         f"  sha256        {added.sha256[:16]}...\n"
         f"  n_ctx         {spec.n_ctx}\n"
         f"  capabilities  {', '.join(sorted(spec.capabilities))}\n"
-        "The daemon reads the catalog at start: restart it to serve the new model.\n"
+        "A running daemon serves it once it reads the catalog again: systemctl reload thoxd\n"
+        "(or send it SIGHUP).\n"
     )
     return 0
 

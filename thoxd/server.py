@@ -7,6 +7,8 @@ SIGTERM   STOPPING=1; the listening socket closes; running requests get up to
           `shutdown_grace_seconds` to finish, new ones get 503 (thoxd.shutdown); then what
           still streams is ended; uvicorn closes the connections and ends the lifespan (mDNS
           goodbyes, the engine); the process exits 0
+SIGHUP    models.toml is read again (systemctl reload thoxd): new entries serve at once, changed
+          or removed ones once their model is idle; an invalid file is logged and ignored
 """
 
 from __future__ import annotations
@@ -21,7 +23,7 @@ from types import FrameType
 
 import uvicorn
 
-from thoxd.app import create_app
+from thoxd.app import create_app, reload_catalog
 from thoxd.discovery import Discovery
 from thoxd.engine.runtime import Engine
 from thoxd.security import header_timeout_protocol
@@ -48,8 +50,10 @@ class Server(uvicorn.Server):
         grace: float,
         status: Callable[[], str],
         before_ready: Callable[[], Awaitable[object]] | None = None,
+        on_reload: Callable[[], object] | None = None,
     ) -> None:
         super().__init__(config)
+        self.on_reload = on_reload
         self.systemd = systemd
         self.graceful = graceful
         self.grace = grace
@@ -66,6 +70,8 @@ class Server(uvicorn.Server):
             return
         if self.before_ready is not None:
             await self.before_ready()  # mDNS registered (or given up on, and logged)
+        if self.on_reload is not None:  # SIGHUP (systemctl reload): re-read models.toml
+            asyncio.get_running_loop().add_signal_handler(signal.SIGHUP, self.on_reload)
         self.systemd.notify(READY=1, STATUS=self.status())
         self._watchdog = asyncio.create_task(self.systemd.watchdog())
         self._status_task = asyncio.create_task(self._report_status())
@@ -162,6 +168,7 @@ def serve(settings: Settings) -> int:
         grace=settings.shutdown_grace_seconds,
         status=model_status(app.state.engine, settings.default_model, settings.port),
         before_ready=lambda: discovery.wait_ready(MDNS_WAIT_SECONDS),
+        on_reload=lambda: reload_catalog(app.state.engine, settings),
     )
     everywhere = settings.host in ("0.0.0.0", "::")
     shown = "127.0.0.1" if everywhere else settings.host

@@ -7,6 +7,7 @@ engine's own estimate so that exactly two of them fit.
 
 from __future__ import annotations
 
+import signal
 import threading
 import time
 from collections.abc import Iterator
@@ -211,3 +212,36 @@ def test_health_stays_ok_when_the_default_model_was_unloaded(box: Daemon) -> Non
     assert health["status"] == "ok" and health["model_state"] == "unloaded"
     assert _complete(box, "first").status_code == 200  # and the next request loads it
     assert _states(box)["a"] == "loaded"
+
+
+def test_sighup_reads_the_catalog_again(box: Daemon) -> None:
+    """Last in this module: it changes the box's catalog."""
+    catalog = box.log_path.parent / "models.toml"
+    # An invalid file is refused; the old catalog keeps serving.
+    catalog.write_text(CATALOG + "\n[[models]]\nid = 'broken'\n")
+    box.proc.send_signal(signal.SIGHUP)
+    _wait_for_log(box, "not reloaded")
+    assert "broken" not in _states(box)
+    assert _complete(box, "b").status_code == 200
+    # A valid one: "d" is new, "huge" is gone, "b" changes its context once idle.
+    changed = "\n".join(
+        f'[[models]]\nid = "{i}"\npath = "{GEMMA}"\nn_ctx = {n}\ncapabilities = ["completion"]\n'
+        for i, n in [("a", 512), ("b", 1024), ("d", 512)]
+    )
+    catalog.write_text(changed)
+    box.proc.send_signal(signal.SIGHUP)
+    _wait_for_log(box, "models.toml reloaded")
+    states = _states(box)
+    assert "huge" not in states and states["d"] == "unloaded"
+    assert _complete(box, "d").status_code == 200
+    assert httpx.get(box.url + "/v1/models/b").json()["context_window"] == 1024
+    long_prompt = {"prompt": "word " * 700}  # fits 1024, not 512: the new entry serves it
+    assert _complete(box, "b", **long_prompt).status_code == 200
+    assert box.proc.poll() is None
+
+
+def _wait_for_log(box: Daemon, text: str, timeout: float = 5.0) -> None:
+    deadline = time.monotonic() + timeout
+    while text not in box.log_path.read_text():
+        assert time.monotonic() < deadline, f"{text!r} not in the log"
+        time.sleep(0.05)

@@ -288,3 +288,26 @@ def test_a_file_llama_cpp_refuses_evicts_nothing(shelf: Path) -> None:
     # It fits the budget alone, but not beside a and b: loading it would evict.
     assert engine.budget - 2 * a_cost.total < odd_cost.total < engine.budget
     _run(engine, scenario)
+
+
+def test_a_new_catalog_serves_new_entries_and_reloads_changed_ones_when_idle(
+    shelf: Path,
+) -> None:
+    async def scenario(engine: Engine) -> None:
+        a = await _touch(engine, "a")
+        b = await _touch(engine, "b")
+        running = _submit(b, 400)  # b is busy when its entry changes
+        stale = engine.replace_catalog(Catalog([_spec("a"), _spec("b", n_ctx=1024), _spec("new")]))
+        assert stale == ["b"]
+        assert (await _touch(engine, "new")).spec.id == "new"
+        assert engine.resident("a") is a  # unchanged: untouched
+        assert await _touch(engine, "b") is b  # busy: the old one keeps serving
+        running.cancel()
+        await collect(running)
+        await _wait_for(lambda: engine.state("b") == "unloaded", 3.0)  # idle: it goes
+        assert (await _touch(engine, "b")).n_ctx == 1024  # and the next request loads the new
+        engine.replace_catalog(Catalog([_spec("b", n_ctx=1024)]))
+        await _wait_for(lambda: engine.state("a") == "unloaded", 3.0)  # removed: it goes too
+        assert engine.state("b") == "loaded"
+
+    _run(_engine(shelf, [_spec("a"), _spec("b")]), scenario)

@@ -130,8 +130,11 @@ class Engine:
         """Load (or join the load of) a catalog model; 404 for a name the catalog lacks."""
         spec = self.catalog.get(name)
         model = self._loaded.get(spec.id)
-        if model is not None:
+        if model is not None and (model.spec == spec or model.busy):
+            # A changed entry takes over once the old model is idle: nothing is cut short.
             return model
+        if model is not None:
+            self._unload_now(model)
         task = self._loading.get(spec.id)
         if task is None:
             task = asyncio.create_task(self._load(spec))
@@ -274,12 +277,19 @@ class Engine:
             await asyncio.gather(*self._unloading, return_exceptions=True)
 
     async def _reap(self) -> None:
-        """Unload models idle past their keep_alive; pinned ones stay."""
+        """Unload models idle past their keep_alive (pinned ones stay), and idle models whose
+        catalog entry changed or went away."""
         while True:
             now = time.monotonic()
             wait = _REAP_INTERVAL
             for model in list(self._loaded.values()):
-                if model.spec.pinned or model.busy or math.isinf(model.keep_alive):
+                if model.busy:
+                    continue
+                if self._stale(model):
+                    logger.info("model %s: its catalog entry changed; unloading", model.spec.id)
+                    self._unload_now(model)
+                    continue
+                if model.spec.pinned or math.isinf(model.keep_alive):
                     continue
                 left = model.keep_alive - model.idle_for(now)
                 if left <= 0:
@@ -290,6 +300,23 @@ class Engine:
             self._idle.clear()
             with contextlib.suppress(TimeoutError):
                 await asyncio.wait_for(self._idle.wait(), timeout=wait)
+
+    # -- the catalog, replaced while serving -------------------------------------------------
+
+    def replace_catalog(self, catalog: Catalog) -> list[str]:
+        """Serve `catalog` from now on (models.toml re-read on SIGHUP). A loaded model whose
+        entry is gone or changed keeps serving what it runs and is unloaded once idle (its next
+        request loads the new entry). Returns the ids of those models."""
+        self.catalog = catalog
+        stale = [m.spec.id for m in self._loaded.values() if catalog.find(m.spec.id) != m.spec]
+        for model_id in list(self._errors):
+            if catalog.find(model_id) is None:
+                del self._errors[model_id]
+        self._idle.set()
+        return stale
+
+    def _stale(self, model: LoadedModel) -> bool:
+        return self.catalog.find(model.spec.id) != model.spec
 
     # -- lifecycle ----------------------------------------------------------------------------
 
