@@ -90,11 +90,11 @@ class NotFound(ThoxdError):
 class ModelNotFound(NotFound):
     code = "model_not_found"
 
-    def __init__(self, model: str) -> None:
+    def __init__(self, model: str, *, param: str = "model") -> None:
         shown = model if len(model) <= 64 else model[:64] + "..."
         super().__init__(
             f"The model '{shown}' does not exist. GET /v1/models lists the models on this device.",
-            param="model",
+            param=param,
         )
 
 

@@ -153,7 +153,8 @@ def test_load_and_unload_routes(box: Daemon) -> None:
     loaded = httpx.post(box.url + "/models/load", json={"model_id": "c"}, timeout=60)
     assert loaded.status_code == 200
     assert loaded.json()["id"] == "c" and loaded.json()["state"] == "loaded"
-    assert httpx.post(box.url + "/models/load", json={"model_id": "zz"}).status_code == 404
+    unknown = httpx.post(box.url + "/models/load", json={"model_id": "zz"})
+    assert unknown.status_code == 404 and unknown.json()["error"]["param"] == "model_id"
     missing = httpx.post(box.url + "/models/load", json={})
     assert missing.status_code == 400 and missing.json()["error"]["param"] == "model_id"
     # Two are loaded: the body-less form of the /generate server's docs must say which.

@@ -22,7 +22,7 @@ from starlette.routing import Route
 
 from thoxd.catalog import ModelSpec
 from thoxd.engine.runtime import Engine
-from thoxd.errors import InvalidRequest
+from thoxd.errors import InvalidRequest, ModelNotFound
 from thoxd.schemas import ModelAction, parse
 from thoxd.units import format_duration
 
@@ -132,6 +132,7 @@ class ModelRoutes:
         action = parse(ModelAction, await request.body())
         if action.model_id is None:
             raise InvalidRequest('Say which model to load: {"model_id": ...}.', param="model_id")
+        _known(self.engine, action.model_id)
         async with self.engine.use(action.model_id, action.keep_alive) as model:
             return JSONResponse(self.model_object(model.spec))
 
@@ -151,7 +152,7 @@ class ModelRoutes:
                     param="model_id",
                 )
             model_id = loaded[0].spec.id
-        spec = self.engine.catalog.get(model_id)
+        spec = _known(self.engine, model_id)
         was_loaded = await self.engine.unload(spec.id)
         return JSONResponse(
             {
@@ -161,3 +162,11 @@ class ModelRoutes:
                 "unloaded": was_loaded,
             }
         )
+
+
+def _known(engine: Engine, model_id: str) -> ModelSpec:
+    """The catalog entry, or a 404 that names the body's field."""
+    try:
+        return engine.catalog.get(model_id)
+    except ModelNotFound:
+        raise ModelNotFound(model_id, param="model_id") from None
