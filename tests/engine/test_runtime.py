@@ -311,3 +311,18 @@ def test_a_new_catalog_serves_new_entries_and_reloads_changed_ones_when_idle(
         assert engine.state("b") == "loaded"
 
     _run(_engine(shelf, [_spec("a"), _spec("b")]), scenario)
+
+
+def test_two_loads_that_both_evict_take_one_victim_each(shelf: Path) -> None:
+    """Each load re-plans its room after llama.cpp has read its file (an await): the other load
+    may have taken the victim it planned for meanwhile."""
+    specs = [_spec(m) for m in "abcd"]
+
+    async def scenario(engine: Engine) -> None:
+        await _touch(engine, "a")
+        await _touch(engine, "b")
+        await asyncio.gather(_touch(engine, "c"), _touch(engine, "d"))
+        assert [engine.state(m) for m in "abcd"] == ["unloaded", "unloaded", "loaded", "loaded"]
+        assert engine.used() <= engine.budget
+
+    _run(_engine(shelf, specs, budget_models=2.5), scenario)

@@ -151,9 +151,11 @@ class Engine:
             except InsufficientMemory as exc:
                 self._errors[spec.id] = exc.message
                 raise
-            self._reserved[spec.id] = prepared.memory.total
             if victims:  # what is evicted for a load must not be lost to a file llama.cpp refuses
                 await asyncio.to_thread(probe_model, prepared.path)
+                # Meanwhile a victim may have got a request, or another load taken the room.
+                victims = self._plan_room(spec, prepared.memory)
+            self._reserved[spec.id] = prepared.memory.total
             for victim in victims:
                 logger.info("evicting idle model %s to make room for %s", victim.spec.id, spec.id)
                 self._unload_now(victim)
