@@ -112,6 +112,9 @@ def test_metrics_on_the_daemon(daemon: Daemon) -> None:
     assert value(after, "thoxd_model_loaded", model=MODEL) == 1
     assert value(after, "thoxd_model_memory_bytes", model=MODEL) > 100 << 20
     assert value(after, "thoxd_slots", model=MODEL) == 2
+    used = value(after, "thoxd_memory_used_bytes")
+    assert used == value(after, "thoxd_model_memory_bytes", model=MODEL)  # the one loaded model
+    assert value(after, "thoxd_memory_budget_bytes") > used
     assert (("thoxd_queue_depth", frozenset({("model", MODEL)}))) in after
     assert value(after, "thoxd_running_sequences", model=MODEL) == 0
     assert value(after, "process_resident_memory_bytes") > 100 << 20

@@ -138,11 +138,14 @@ class _EngineCollector(Collector):
         self.engine = engine
 
     def describe(self) -> Iterable[Metric]:
-        return self._families()
+        return [*self._families(), *self._budget()]
 
     def collect(self) -> Iterable[Metric]:
         families = self._families()
         loaded, memory, slots, running, waiting = families
+        budget, used = self._budget()
+        budget.add_metric([], float(self.engine.budget))
+        used.add_metric([], float(self.engine.used()))
         models = {m.spec.id: m for m in self.engine.loaded()}
         for spec in self.engine.catalog:
             model = models.get(spec.id)
@@ -153,7 +156,7 @@ class _EngineCollector(Collector):
             slots.add_metric([model_id], stats.slots)
             running.add_metric([model_id], stats.running)
             waiting.add_metric([model_id], stats.waiting)
-        return families
+        return [*families, budget, used]
 
     @staticmethod
     def _families() -> list[GaugeMetricFamily]:
@@ -169,6 +172,15 @@ class _EngineCollector(Collector):
             gauge("thoxd_slots", "Sequence slots of the model."),
             gauge("thoxd_running_sequences", "Sequences being decoded now."),
             gauge("thoxd_queue_depth", "Requests waiting for a slot."),
+        ]
+
+    @staticmethod
+    def _budget() -> list[GaugeMetricFamily]:
+        return [
+            GaugeMetricFamily("thoxd_memory_budget_bytes", "What loaded models may use together."),
+            GaugeMetricFamily(
+                "thoxd_memory_used_bytes", "Estimated memory of loaded models and loads under way."
+            ),
         ]
 
 
