@@ -14,6 +14,7 @@ from pathlib import Path
 import httpx
 import pytest
 
+import thoxd.settings
 from thoxd.catalog import Catalog, ModelSpec
 from thoxd.modelfiles import ensure_model_file
 
@@ -44,6 +45,17 @@ def model_file(models_dir: Path, default_spec: ModelSpec) -> Path:
 
 
 GEMMA = "gemma.gguf"
+
+
+@pytest.fixture
+def clean_settings_env(monkeypatch: pytest.MonkeyPatch, tmp_path: Path) -> None:
+    """No THOXD_* or systemd variables from the outside, and never /etc/thoxd/thoxd.toml."""
+    for name in list(os.environ):
+        if name.startswith("THOXD_"):
+            monkeypatch.delenv(name)
+    monkeypatch.delenv("STATE_DIRECTORY", raising=False)
+    monkeypatch.setenv("XDG_DATA_HOME", str(tmp_path / "xdg"))
+    monkeypatch.setattr(thoxd.settings, "SYSTEM_CONFIG", tmp_path / "no-system-config.toml")
 
 
 @pytest.fixture(scope="session")

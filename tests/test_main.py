@@ -2,7 +2,6 @@
 
 from __future__ import annotations
 
-import os
 from pathlib import Path
 
 import pytest
@@ -12,13 +11,7 @@ import thoxd.settings
 from thoxd.__main__ import build_parser, main
 from thoxd.settings import Settings
 
-
-@pytest.fixture(autouse=True)
-def clean_environment(monkeypatch: pytest.MonkeyPatch, tmp_path: Path) -> None:
-    for name in list(os.environ):
-        if name.startswith("THOXD_"):
-            monkeypatch.delenv(name)
-    monkeypatch.setattr(thoxd.settings, "SYSTEM_CONFIG", tmp_path / "no-system-config.toml")
+pytestmark = pytest.mark.usefixtures("clean_settings_env")
 
 
 @pytest.fixture(autouse=True)

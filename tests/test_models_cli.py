@@ -17,7 +17,6 @@ from pathlib import Path
 
 import pytest
 
-import thoxd.settings
 from thoxd.__main__ import main
 from thoxd.catalog import Catalog
 from thoxd.gguf import check_gguf
@@ -58,11 +57,9 @@ def make_gguf(path: Path, name: str = "tiny model", context: int | None = 2048) 
 
 
 @pytest.fixture(autouse=True)
-def clean_environment(monkeypatch: pytest.MonkeyPatch, tmp_path: Path) -> None:
-    for name in list(os.environ):
-        if name.startswith("THOXD_"):
-            monkeypatch.delenv(name)
-    monkeypatch.setattr(thoxd.settings, "SYSTEM_CONFIG", tmp_path / "no-system-config.toml")
+def clean_environment(
+    clean_settings_env: None, monkeypatch: pytest.MonkeyPatch, tmp_path: Path
+) -> None:
     monkeypatch.setenv("THOXD_STATE_DIR", str(tmp_path / "state"))
 
 

@@ -11,16 +11,7 @@ from pydantic import ValidationError
 import thoxd.settings
 from thoxd.settings import Settings, load_settings
 
-
-@pytest.fixture(autouse=True)
-def clean_environment(monkeypatch: pytest.MonkeyPatch, tmp_path: Path) -> None:
-    """No THOXD_* or systemd variables from the outside, and never /etc/thoxd/thoxd.toml."""
-    for name in list(os.environ):
-        if name.startswith("THOXD_"):
-            monkeypatch.delenv(name)
-    monkeypatch.delenv("STATE_DIRECTORY", raising=False)
-    monkeypatch.setenv("XDG_DATA_HOME", str(tmp_path / "xdg"))
-    monkeypatch.setattr(thoxd.settings, "SYSTEM_CONFIG", tmp_path / "no-system-config.toml")
+pytestmark = pytest.mark.usefixtures("clean_settings_env")
 
 
 def write_toml(path: Path, text: str) -> Path:
