@@ -197,9 +197,10 @@ def test_keep_alive_unloads_an_idle_model_and_waits_for_a_busy_one(shelf: Path) 
 
     async def scenario(engine: Engine) -> None:
         model = await _touch(engine, "short")
-        gen = _submit(model, 60)  # ~1 s of decoding: longer than its keep_alive
+        gen = _submit(model, 400)  # seconds of decoding: longer than its keep_alive
         await asyncio.sleep(0.6)
         assert engine.state("short") == "loaded"  # busy: its clock has not started
+        gen.cancel()
         await collect(gen)
         await _wait_for(lambda: engine.state("short") == "unloaded", 3.0)
         # A request's own keep_alive replaces the model's: "a" keeps forever by default.
