@@ -6,10 +6,10 @@ and each sequence whose logits came out samples its next token. Waiting requests
 FIFO order as slots free up, each into the idle slot whose cached tokens share the longest prefix
 with its prompt, so only the rest of the prompt is prefilled.
 
-Idle slots are parked: while other sequences run, an idle slot's cells are copied to host memory
-and removed from the (unified) cache, so each step attends only over the running sequences'
-cells; admitting a request into a parked slot copies them back (~1 ms per 1000 tokens). What is
-parked is bounded by one context's worth of tokens; past it, the least recently used go.
+Idle slots are parked: before a step, an idle slot's cells are copied to host memory and removed
+from the (unified) cache, so each step attends only over the running sequences' cells; admitting
+a request into a parked slot copies them back (~1 ms per 1000 tokens). What is parked is bounded
+by one context's worth of tokens; past it, the least recently used go.
 
 Nothing here blocks the event loop: requests arrive through a locked deque, events leave through
 `Generation.push`. Other work that must own the context (embeddings) runs between steps as jobs.
@@ -256,12 +256,14 @@ class Scheduler:
                 self._finish(slot, "cancelled")
 
     def _park_idle(self) -> None:
-        """Move idle slots' cells out of the cache (runs before a step, so only while others
-        run); keep the parked total under the cap by dropping the least recently used."""
-        for slot in self._slots:
-            if slot.run is None and slot.cached and slot.parked is None:
-                slot.parked = self._ctx.seq_save(slot.seq_id)
-                self._ctx.seq_rm(slot.seq_id, -1)
+        """Move idle slots' cells out of the cache (before a step: only while a sequence runs);
+        keep the parked total under the cap by dropping the least recently used."""
+        newly = [s for s in self._slots if s.run is None and s.cached and s.parked is None]
+        if not newly:  # the common case in a step loop: nothing changed
+            return
+        for slot in newly:
+            slot.parked = self._ctx.seq_save(slot.seq_id)
+            self._ctx.seq_rm(slot.seq_id, -1)
         parked = sorted((s for s in self._slots if s.parked is not None), key=lambda s: s.last_used)
         total = sum(len(s.cached) for s in parked)
         for slot in parked:
