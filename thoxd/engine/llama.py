@@ -199,6 +199,17 @@ class LlamaContext:
         buf = (ctypes.c_uint8 * len(data)).from_buffer_copy(data)
         return bool(llama_cpp.llama_state_seq_set_data(self.ptr, buf, len(data), seq_id))
 
+    def logits(self, batch_index: int) -> np.ndarray[Any, np.dtype[np.float32]]:
+        """A writable view of one output's logits in llama.cpp's buffer, valid until the next
+        decode; samplers read the same buffer, so changes made here are what they see."""
+        ptr = llama_cpp.llama_get_logits_ith(self.ptr, batch_index)
+        if not ptr:
+            raise LlamaLoadError("no logits for that batch index")
+        view: np.ndarray[Any, np.dtype[np.float32]] = np.ctypeslib.as_array(
+            ptr, shape=(self.model.n_vocab,)
+        )
+        return view
+
     def token_embeddings_sum(self, n_outputs: int) -> np.ndarray[Any, np.dtype[np.float64]]:
         """The sum of the last decode's `n_outputs` token embeddings (an embeddings context)."""
         ptr = llama_cpp.llama_get_embeddings(self.ptr)

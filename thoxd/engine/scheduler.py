@@ -213,7 +213,7 @@ class Scheduler:
         del slot.cached[keep:]
         slot.run = _Running(
             gen=gen,
-            sampler=Sampler(gen.params, self._model.n_vocab),
+            sampler=Sampler(gen.params),
             text=TextAssembler(gen.stops),
             pending=gen.prompt[keep:-1] if alone else gen.prompt[keep:],
             last_token=gen.prompt[-1],
