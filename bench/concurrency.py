@@ -8,7 +8,9 @@ time, never both (they would fight for the cores). For each: C concurrent stream
 tok/s (tokens received / round wall time), TTFT (request sent to first text chunk, mean and
 p95); cold vs prefix-cached TTFT for a ~1000-token code-like prefix (a new one per cold run);
 /health latency while 4 streams run. Each phase also notes how many cores other processes kept
-busy (above ~0.1 the numbers are not to be trusted).
+busy (above ~0.1 the numbers are not to be trusted). Last, with both servers stopped,
+bench/ceiling.py drives llama.cpp directly with the same C=1 and C=4 requests: the most any
+server can reach on this machine, so how much room each target leaves.
 Build llama-server first with bench/build_llama_server.sh. Usage: bench/concurrency.py --help
 """
 
@@ -280,6 +282,28 @@ def table(t: dict[str, Any], s: dict[str, Any], args: argparse.Namespace) -> lis
     return ["| " + " | ".join(v.ljust(n) for v, n in zip(r, w, strict=True)) + " |" for r in rows]
 
 
+def ceiling(args: argparse.Namespace) -> dict[int, dict[str, Any]]:
+    """bench/ceiling.py in its own process (the servers are stopped): C=1 and C=4."""
+    cmd = [sys.executable, str(ROOT / "bench/ceiling.py"), "--json",
+           "--models-dir", str(args.models_dir), "--threads", str(args.threads),
+           "--slots", str(args.slots), "--concurrency", "1,4", "--rounds", str(args.rounds),
+           "--tokens", str(args.tokens)]  # fmt: skip
+    out = subprocess.run(cmd, check=True, capture_output=True, text=True).stdout
+    return {int(c): r for c, r in json.loads(out).items()}
+
+
+def ceiling_table(t: dict[str, Any], s: dict[str, Any], direct: dict[int, Any]) -> list[str]:
+    """Both servers against llama.cpp driven directly: how much room the targets leave."""
+    lines = [
+        "| C | llama.cpp direct tok/s | thoxd / direct | llama-server / direct | target / direct |",
+        "| - | ---------------------- | -------------- | --------------------- | --------------- |",
+    ]
+    for c, target in ((1, 1.0), (4, 1.1)):
+        d, a, b = direct[c]["tok_s"], t["load"][c]["tok_s"], s["load"][c]["tok_s"]
+        lines.append(f"| {c} | {d:.1f} | {a / d:.2f} | {b / d:.2f} | {target * b / d:.2f} |")
+    return lines
+
+
 def main() -> int:
     version = importlib.metadata.version("llama-cpp-python")
     default_bin = ROOT / f"bench/.build/llama-build-{version}/bin/llama-server"
@@ -298,6 +322,7 @@ def main() -> int:
     p.add_argument("--health-polls", type=int, default=200)
     p.add_argument("--first", choices=["thoxd", "llama-server"], default="thoxd")
     p.add_argument("--json", type=Path, help="save every number here")
+    p.add_argument("--no-ceiling", action="store_true", help="skip llama.cpp driven directly")
     args = p.parse_args()
     if 4 not in args.concurrency or 1 not in args.concurrency:
         p.error("--concurrency must include 1 and 4 (the targets)")
@@ -328,11 +353,16 @@ def main() -> int:
                 results[name] = measure(server, args)
             finally:
                 server.stop()
+        if not args.no_ceiling:
+            print("== llama.cpp direct (bench/ceiling.py)", flush=True)
+            results["direct"] = ceiling(args)
     th, ls = results["thoxd"], results["llama-server"]
     alone = zip(th["load"][1]["requests"], ls["load"][1]["requests"], strict=True)
     same = sum(a["text"] == b["text"] for a, b in alone)
     results["same_text_c1"] = f"{same}/{len(th['load'][1]['requests'])}"
     lines = table(th, ls, args)
+    if "direct" in results:
+        lines += ["", *ceiling_table(th, ls, results["direct"])]
     print("\n" + "\n".join(lines))
     print(
         f"\nthreads {t}, slots {n}, {args.tokens} tokens/stream, {args.rounds} rounds; "

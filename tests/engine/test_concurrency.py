@@ -146,3 +146,38 @@ def test_long_prompt_is_prefilled_in_chunks_beside_running_streams(model: Loaded
     # 2 000 tokens in 512-token chunks take at least four steps, each also decoding the stream.
     assert deltas >= 3
     assert fin.timings.prompt_n + fin.timings.cache_n == fin.prompt_tokens
+
+
+def test_prompts_arriving_together_get_first_tokens_one_prefill_apart(model: LoadedModel) -> None:
+    """A long prompt prefilling alone, then three more while it runs: its first token does not
+    wait for their prefill, and theirs come one prefill apart (one prompt per step), not all
+    together after every prompt is done."""
+
+    async def scenario() -> list[float]:
+        loop = asyncio.get_running_loop()
+        first = _gen(model, "The history of the city " * 40, max_tokens=4)
+        rest = [_gen(model, f"{w} count: 1, 2, 3, 4, 5, 6, 7, 8, 9," * 5, max_tokens=4)
+                for w in ("Alpha", "Bravo", "Delta")]  # fmt: skip
+
+        async def first_token_at(gen: Generation) -> float:
+            async for event in gen.events():
+                if isinstance(event, Delta):
+                    at = loop.time()
+                    await collect(gen)
+                    return at
+            raise AssertionError("no token")
+
+        model.submit(first)
+        tasks = [asyncio.ensure_future(first_token_at(first))]
+        await asyncio.sleep(0.05)  # the long prompt is being prefilled alone
+        for gen in rest:
+            model.submit(gen)
+            tasks.append(asyncio.ensure_future(first_token_at(gen)))
+        return list(await asyncio.gather(*tasks))
+
+    times = asyncio.run(scenario())
+    assert times == sorted(times)
+    # Each of the three 60-token prompts takes a prefill step of its own (~60 ms here); packed
+    # into one step, the three would get their first tokens from the same step, together.
+    gaps = [b - a for a, b in zip(times, times[1:], strict=False)]
+    assert min(gaps) > 0.015, gaps
