@@ -4,6 +4,7 @@ stay contained, and nothing is left holding a slot."""
 from __future__ import annotations
 
 import asyncio
+import itertools
 import random
 from collections.abc import Callable, Iterator
 from pathlib import Path
@@ -179,5 +180,5 @@ def test_prompts_arriving_together_get_first_tokens_one_prefill_apart(model: Loa
     assert times == sorted(times)
     # Each of the three 60-token prompts takes a prefill step of its own (~60 ms here); packed
     # into one step, the three would get their first tokens from the same step, together.
-    gaps = [b - a for a, b in zip(times, times[1:], strict=False)]
+    gaps = [b - a for a, b in itertools.pairwise(times)]
     assert min(gaps) > 0.015, gaps

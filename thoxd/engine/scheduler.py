@@ -23,12 +23,13 @@ import time
 from collections import deque
 from collections.abc import Callable
 from concurrent.futures import Future
-from dataclasses import dataclass, field
+from dataclasses import dataclass
 from typing import Any
 
 from thoxd.engine.llama import Batch, LlamaContext, LlamaModel
 from thoxd.engine.request import Delta, Failed, Finished, Generation, Timings
 from thoxd.engine.sampling import Sampler
+from thoxd.engine.slots import Running, Slot, park_idle, pick_slot
 from thoxd.engine.text import TextAssembler
 from thoxd.errors import EngineFailure, QueueFull, ShuttingDown
 
@@ -37,44 +38,6 @@ logger = logging.getLogger("thoxd.engine")
 # Prompt tokens left below which a prompt shares a step with another prompt's prefill: about
 # where its prefill costs as much as the step it would otherwise wait for (~1 ms a token here).
 SHORT_PREFILL = 16
-
-
-@dataclass(eq=False)
-class _Running:
-    gen: Generation
-    sampler: Sampler
-    text: TextAssembler
-    # Prompt tokens still to prefill. Alone on the engine, a prompt's last token is not part of
-    # its prefill: it is decoded like a generated token, so its logits come from the same
-    # kernels whether or not the rest of the prompt was found in the cache (greedy output does
-    # not depend on cache hits). Beside other sequences the batch differs from run to run
-    # anyway, so the last token rides in the final prefill chunk (`fused`), saving a step.
-    pending: list[int]
-    last_token: int
-    cache_n: int
-    fused: bool
-    admitted_at: float
-    first_token_at: float = 0.0
-    generated: int = 0
-
-
-@dataclass(eq=False)
-class _Slot:
-    seq_id: int
-    # Tokens whose keys and values sit in the cache for this sequence, at positions 0..len-1.
-    cached: list[int] = field(default_factory=list)
-    run: _Running | None = None
-    last_used: float = 0.0
-    # `cached` copied out of the cache while this slot is idle and others run (see above).
-    parked: bytes | None = None
-
-
-def _common_prefix(a: list[int], b: list[int]) -> int:
-    n = min(len(a), len(b))
-    i = 0
-    while i < n and a[i] == b[i]:
-        i += 1
-    return i
 
 
 @dataclass(frozen=True)
@@ -103,7 +66,7 @@ class Scheduler:
         self._ctx = ctx
         self._n_ctx_seq = n_ctx_seq
         self._queue_size = queue_size
-        self._slots = [_Slot(seq_id=i) for i in range(n_slots)]
+        self._slots = [Slot(seq_id=i) for i in range(n_slots)]
         self._park_cap = n_ctx_seq  # tokens parked in host memory, over all idle slots
         self._batch = Batch(ctx.n_batch)
         self._waiting: deque[Generation] = deque()
@@ -219,7 +182,7 @@ class Scheduler:
 
     def _admit(self, gen: Generation, alone: bool) -> None:
         now = time.monotonic()
-        slot, shared = self._pick_slot(gen.prompt)
+        slot, shared = pick_slot(self._slots, gen.prompt)
         # The prompt's last token is always computed anew (see _Running.pending).
         keep = min(shared, len(gen.prompt) - 1)
         if slot.parked is not None:
@@ -231,7 +194,7 @@ class Scheduler:
             self._ctx.seq_rm(slot.seq_id, -1)
             keep = 0
         del slot.cached[keep:]
-        slot.run = _Running(
+        slot.run = Running(
             gen=gen,
             sampler=Sampler(gen.params),
             text=TextAssembler(gen.stops),
@@ -241,26 +204,6 @@ class Scheduler:
             fused=not alone,
             admitted_at=now,
         )
-
-    def _pick_slot(self, prompt: list[int]) -> tuple[_Slot, int]:
-        """The idle slot whose cache serves `prompt` best, and the prefix they share.
-
-        A cache is worth using when it covers half the prompt or more, or when the prompt
-        extends all of it (nothing is lost). Otherwise a short shared start (BOS, a template's
-        header) must not cost another prompt its cache: take an empty slot, else the least
-        recently used one."""
-        idle = [s for s in self._slots if s.run is None]
-        scored = [(_common_prefix(s.cached, prompt), s) for s in idle]
-        useful = [
-            (n, -s.last_used, s.seq_id, s)
-            for n, s in scored
-            if n > 0 and (2 * n >= len(prompt) or n == len(s.cached))
-        ]
-        if useful:
-            n, _, _, slot = max(useful)
-            return slot, n
-        *_, slot = min((bool(s.cached), s.last_used, s.seq_id, s) for s in idle)
-        return slot, _common_prefix(slot.cached, prompt)
 
     def _run_job(self, fn: Callable[[], Any], future: Future[Any]) -> None:
         if not future.set_running_or_notify_cancel():
@@ -275,29 +218,11 @@ class Scheduler:
             if slot.run is not None and slot.run.gen.cancelled:
                 self._finish(slot, "cancelled")
 
-    def _park_idle(self) -> None:
-        """Move idle slots' cells out of the cache (before a step: only while a sequence runs);
-        keep the parked total under the cap by dropping the least recently used."""
-        newly = [s for s in self._slots if s.run is None and s.cached and s.parked is None]
-        if not newly:  # the common case in a step loop: nothing changed
-            return
-        for slot in newly:
-            slot.parked = self._ctx.seq_save(slot.seq_id)
-            self._ctx.seq_rm(slot.seq_id, -1)
-        parked = sorted((s for s in self._slots if s.parked is not None), key=lambda s: s.last_used)
-        total = sum(len(s.cached) for s in parked)
-        for slot in parked:
-            if total <= self._park_cap:
-                break
-            total -= len(slot.cached)
-            slot.parked = None
-            slot.cached.clear()
-
     def _step(self) -> None:
-        self._park_idle()
+        park_idle(self._slots, self._ctx, self._park_cap)
         batch = self._batch
         batch.clear()
-        outputs: list[tuple[_Slot, int]] = []
+        outputs: list[tuple[Slot, int]] = []
         running = [s for s in self._slots if s.run is not None]
         for slot in running:
             run = slot.run
@@ -336,7 +261,7 @@ class Scheduler:
         for slot, index in outputs:
             self._advance(slot, index)
 
-    def _advance(self, slot: _Slot, index: int) -> None:
+    def _advance(self, slot: Slot, index: int) -> None:
         run = slot.run
         assert run is not None
         token = run.sampler.sample(self._ctx, index)
@@ -356,7 +281,7 @@ class Scheduler:
         else:
             run.last_token = token
 
-    def _finish(self, slot: _Slot, reason: str) -> None:
+    def _finish(self, slot: Slot, reason: str) -> None:
         run = slot.run
         assert run is not None
         now = time.monotonic()
@@ -385,7 +310,7 @@ class Scheduler:
         # Last: whoever reads Finished sees the slot already free.
         run.gen.push(finished)
 
-    def _fail_batch(self, running: list[_Slot], rc: int) -> None:
+    def _fail_batch(self, running: list[Slot], rc: int) -> None:
         logger.error("llama_decode failed (rc=%d) for %d sequences", rc, len(running))
         error = EngineFailure("The model failed to decode this request.")
         for slot in running:

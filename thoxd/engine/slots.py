@@ -1,0 +1,95 @@
+"""Sequence slots: the generation each one runs, the tokens it holds in the KV cache, which
+idle slot serves a new prompt best, and parking idle slots' cells in host memory.
+
+A parked slot's cells are copied out (`llama_state_seq_get_data`) and removed from the unified
+cache, so each step attends only over the running sequences; admitting a request into it copies
+them back. The scheduler decides when; this module keeps the bookkeeping.
+"""
+
+from __future__ import annotations
+
+from dataclasses import dataclass, field
+
+from thoxd.engine.llama import LlamaContext
+from thoxd.engine.request import Generation
+from thoxd.engine.sampling import Sampler
+from thoxd.engine.text import TextAssembler
+
+
+@dataclass(eq=False)
+class Running:
+    gen: Generation
+    sampler: Sampler
+    text: TextAssembler
+    # Prompt tokens still to prefill. Alone on the engine, a prompt's last token is not part of
+    # its prefill: it is decoded like a generated token, so its logits come from the same
+    # kernels whether or not the rest of the prompt was found in the cache (greedy output does
+    # not depend on cache hits). Beside other sequences the batch differs from run to run
+    # anyway, so the last token rides in the final prefill chunk (`fused`), saving a step.
+    pending: list[int]
+    last_token: int
+    cache_n: int
+    fused: bool
+    admitted_at: float
+    first_token_at: float = 0.0
+    generated: int = 0
+
+
+@dataclass(eq=False)
+class Slot:
+    seq_id: int
+    # Tokens whose keys and values sit in the cache for this sequence, at positions 0..len-1.
+    cached: list[int] = field(default_factory=list)
+    run: Running | None = None
+    last_used: float = 0.0
+    # `cached` copied out of the cache while this slot is idle and others run (see park_idle).
+    parked: bytes | None = None
+
+
+def common_prefix(a: list[int], b: list[int]) -> int:
+    n = min(len(a), len(b))
+    i = 0
+    while i < n and a[i] == b[i]:
+        i += 1
+    return i
+
+
+def pick_slot(slots: list[Slot], prompt: list[int]) -> tuple[Slot, int]:
+    """The idle slot whose cache serves `prompt` best, and the prefix they share.
+
+    A cache is worth using when it covers half the prompt or more, or when the prompt
+    extends all of it (nothing is lost). Otherwise a short shared start (BOS, a template's
+    header) must not cost another prompt its cache: take an empty slot, else the least
+    recently used one."""
+    idle = [s for s in slots if s.run is None]
+    scored = [(common_prefix(s.cached, prompt), s) for s in idle]
+    useful = [
+        (n, -s.last_used, s.seq_id, s)
+        for n, s in scored
+        if n > 0 and (2 * n >= len(prompt) or n == len(s.cached))
+    ]
+    if useful:
+        n, _, _, slot = max(useful)
+        return slot, n
+    *_, slot = min((bool(s.cached), s.last_used, s.seq_id, s) for s in idle)
+    return slot, common_prefix(slot.cached, prompt)
+
+
+def park_idle(slots: list[Slot], ctx: LlamaContext, cap: int) -> None:
+    """Move idle slots' cells out of the cache into host memory (before a step, so only while a
+    sequence runs); keep the parked total under `cap` tokens by dropping the least recently
+    used."""
+    newly = [s for s in slots if s.run is None and s.cached and s.parked is None]
+    if not newly:  # the common case in a step loop: nothing changed
+        return
+    for slot in newly:
+        slot.parked = ctx.seq_save(slot.seq_id)
+        ctx.seq_rm(slot.seq_id, -1)
+    parked = sorted((s for s in slots if s.parked is not None), key=lambda s: s.last_used)
+    total = sum(len(s.cached) for s in parked)
+    for slot in parked:
+        if total <= cap:
+            break
+        total -= len(slot.cached)
+        slot.parked = None
+        slot.cached.clear()
