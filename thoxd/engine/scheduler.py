@@ -138,7 +138,7 @@ class Scheduler:
                 self._cond.wait()
             if self._stopping:
                 return False
-            admitted = self._take_admissible(limit=0 if self._first_token_due() else None)
+            admitted = self._take_admissible(admit=not self._first_token_due())
             job = self._jobs.popleft() if self._jobs else None
         alone = len(admitted) == 1 and not self._busy()
         for gen in admitted:
@@ -159,22 +159,16 @@ class Scheduler:
         back for their whole prefill (~220 ms for three 60-token prompts, measured); waiting
         costs them that one small step (~12 ms)."""
         return any(
-            s.run is not None
-            and not s.run.fused
-            and not s.run.pending
-            and not s.run.generated
-            and not s.run.first_token_at
+            s.run is not None and not s.run.fused and not s.run.pending and not s.run.first_token_at
             for s in self._slots
         )
 
-    def _take_admissible(self, limit: int | None = None) -> list[Generation]:
+    def _take_admissible(self, admit: bool) -> list[Generation]:
         # A cancelled request leaves the queue at once, even while every slot is busy.
         for gen in [g for g in self._waiting if g.cancelled]:
             self._waiting.remove(gen)
             gen.push(Finished("cancelled", len(gen.prompt), 0, Timings()))
-        idle = sum(1 for s in self._slots if s.run is None)
-        if limit is not None:
-            idle = min(idle, limit)
+        idle = sum(1 for s in self._slots if s.run is None) if admit else 0
         taken: list[Generation] = []
         while self._waiting and len(taken) < idle:
             taken.append(self._waiting.popleft())
