@@ -5,7 +5,12 @@ each of the C sequences, greedy (argmax over the logits), until each has `--toke
 an end-of-generation token). Aggregate tok/s = tokens / round wall time, as in concurrency.py,
 with the same prompts, model, threads and context (8192 per slot, unified KV, full-size SWA).
 No server can do the same requests with less work, so this is the most any of them can reach on
-this machine; concurrency.py runs it between the servers. Usage: bench/ceiling.py --help
+this machine; concurrency.py runs it between the servers.
+
+`--step-cost` shows where a step's time goes: one decode step for n sequences, with logits for
+every sequence and with logits for one only. The difference is the output layer (for Gemma 3
+270M a 262 144 x 640 Q8_0 matrix, most of the model's weights), which no scheduler can skip.
+Usage: bench/ceiling.py --help
 """
 
 from __future__ import annotations
@@ -61,8 +66,41 @@ def one_round(ctx: LlamaContext, prompts: list[list[int]], tokens: int) -> tuple
         batch.close()
 
 
+def step_cost(ctx: LlamaContext, n: int, all_outputs: bool, steps: int = 24) -> float:
+    """Median milliseconds of one decode step with one token for each of n sequences."""
+    ctx.clear()
+    batch = Batch(512)
+    prompt = ctx.model.tokenize(counting_prompt(3), add_special=True)
+    try:
+        for seq in range(n):
+            batch.add_sequence(prompt, 0, seq)
+        if ctx.decode(batch) != 0:
+            raise RuntimeError("llama_decode failed")
+        times = []
+        for step in range(steps):
+            batch.clear()
+            for seq in range(n):
+                batch.add(1000 + step, len(prompt) + step, seq, logits=all_outputs or seq == 0)
+            t0 = time.perf_counter()
+            if ctx.decode(batch) != 0:
+                raise RuntimeError("llama_decode failed")
+            times.append(time.perf_counter() - t0)
+        return statistics.median(times) * 1000
+    finally:
+        batch.close()
+
+
+def print_step_costs(ctx: LlamaContext, slots: int) -> None:
+    print("sequences | ms/step, all outputs | ms/step, one output | ms per further output")
+    for n in (1, 2, 4, 8):
+        if n <= slots:
+            every, one = step_cost(ctx, n, True), step_cost(ctx, n, False)
+            extra = f"{(every - one) / (n - 1):.1f}" if n > 1 else "-"
+            print(f"{n:9} | {every:20.1f} | {one:19.1f} | {extra}")
+
+
 def measure(model_file: Path, threads: int, slots: int, levels: list[int], rounds: int,
-            tokens: int) -> dict[int, dict[str, Any]]:  # fmt: skip
+            tokens: int, step_costs: bool = False) -> dict[int, dict[str, Any]]:  # fmt: skip
     """{C: tok/s per round and their mean}, with the prompts concurrency.py's load sends."""
     route_llama_logs()
     backend_init()
@@ -71,6 +109,8 @@ def measure(model_file: Path, threads: int, slots: int, levels: list[int], round
     ctx = LlamaContext(model, config)
     try:
         one_round(ctx, [model.tokenize(counting_prompt(7), add_special=True)], 16)  # warm-up
+        if step_costs:
+            print_step_costs(ctx, slots)
         out: dict[int, dict[str, Any]] = {}
         for c in levels:
             rates = []
@@ -95,11 +135,14 @@ def main() -> int:
     p.add_argument("--rounds", type=int, default=4)
     p.add_argument("--tokens", type=int, default=128)
     p.add_argument("--json", action="store_true", help="print the result as JSON only")
+    p.add_argument("--step-cost", action="store_true", help="first print the cost of one step")
     args = p.parse_args()
     if max(args.concurrency) > args.slots:
         p.error("every concurrency level must fit in --slots (one sequence per slot)")
+    if args.json and args.step_cost:
+        p.error("--step-cost prints a table; it does not go with --json")
     result = measure(args.models_dir / MODEL_FILE, args.threads, args.slots, args.concurrency,
-                     args.rounds, args.tokens)  # fmt: skip
+                     args.rounds, args.tokens, args.step_cost)  # fmt: skip
     if args.json:
         print(json.dumps(result))
     else:
