@@ -167,6 +167,46 @@ def test_bad_parameters_are_400_naming_the_param(
     assert error["param"] == field
 
 
+TOOL = {"type": "function", "function": {"name": "f", "parameters": {}}}
+
+
+@pytest.mark.parametrize(
+    ("path", "fields", "param"),
+    [("/chat/completions", {"logprobs": True}, "logprobs"),
+     ("/chat/completions", {"top_logprobs": 3}, "top_logprobs"),
+     ("/chat/completions", {"response_format": {"type": "json_object"}}, "response_format"),
+     ("/chat/completions", {"tools": [TOOL]}, "tools"),
+     ("/completions", {"logprobs": 0}, "logprobs"),
+     ("/completions", {"suffix": "return x"}, "suffix")],  # Gemma has no FIM tokens
+)  # fmt: skip
+def test_output_we_cannot_give_is_refused_not_ignored(
+    client: openai.OpenAI, path: str, fields: dict[str, object], param: str
+) -> None:
+    base: dict[str, object] = {"model": "thox-coder", "max_tokens": 2}
+    if path == "/chat/completions":
+        base["messages"] = [{"role": "user", "content": "x"}]
+    else:
+        base["prompt"] = "x"
+    with pytest.raises(openai.BadRequestError) as info:
+        client.post(path, body={**base, **fields}, cast_to=httpx.Response)
+    assert info.value.code == "unsupported_parameter"
+    error = info.value.body
+    assert isinstance(error, dict) and error["param"] == param
+
+
+def test_declared_but_unused_options_are_accepted(client: openai.OpenAI) -> None:
+    response = client.chat.completions.create(
+        model="thox-coder",
+        messages=[{"role": "user", "content": "x"}],
+        max_tokens=2,
+        logprobs=False,
+        tools=[TOOL],  # type: ignore[list-item]
+        tool_choice="none",
+        response_format={"type": "text"},
+    )
+    assert response.choices[0].message.content
+
+
 def test_overlong_prompt_is_context_length_exceeded(client: openai.OpenAI) -> None:
     with pytest.raises(openai.BadRequestError) as info:
         client.completions.create(model="thox-coder", prompt="hello " * 9000, max_tokens=4)

@@ -8,7 +8,7 @@ from typing import Any
 
 import pytest
 
-from thoxd.errors import InvalidRequest
+from thoxd.errors import InvalidRequest, UnsupportedParameter
 from thoxd.schemas import ChatRequest, CompletionRequest, EmbeddingRequest, ModelAction, parse
 
 USER = {"role": "user", "content": "Hello"}
@@ -280,3 +280,39 @@ def test_model_action_bad_keep_alive() -> None:
 
 def test_model_action_accepts_a_256_character_id() -> None:
     assert parse(ModelAction, {"model_id": "x" * 256}).model_id == "x" * 256
+
+
+@pytest.mark.parametrize(
+    ("fields", "param"),
+    [({"logprobs": True}, "logprobs"), ({"top_logprobs": 2}, "top_logprobs"),
+     ({"response_format": {"type": "json_schema", "json_schema": {}}}, "response_format"),
+     ({"tools": [{"type": "function"}]}, "tools"),
+     ({"tools": [{"type": "function"}], "tool_choice": "auto"}, "tools")],
+)  # fmt: skip
+def test_chat_fields_asking_for_other_output_are_unsupported(
+    fields: dict[str, Any], param: str
+) -> None:
+    req = parse(ChatRequest, chat(**fields))
+    with pytest.raises(UnsupportedParameter) as info:
+        req.check_supported()
+    assert info.value.status == 400 and info.value.param == param
+
+
+@pytest.mark.parametrize(
+    "fields",
+    [{}, {"logprobs": False, "top_logprobs": 0}, {"response_format": {"type": "text"}},
+     {"tools": [], "tool_choice": "auto"},
+     {"tools": [{"type": "function"}], "tool_choice": "none"}],
+)  # fmt: skip
+def test_chat_fields_that_change_nothing_are_supported(fields: dict[str, Any]) -> None:
+    parse(ChatRequest, chat(**fields)).check_supported()
+
+
+def test_completion_logprobs_are_unsupported_and_echo_suffix_parse() -> None:
+    body = {"model": "m", "prompt": "p", "logprobs": 0}
+    with pytest.raises(UnsupportedParameter):
+        parse(CompletionRequest, body).check_supported()
+    req = parse(CompletionRequest, {"model": "m", "prompt": "p", "echo": True, "suffix": "s"})
+    req.check_supported()
+    assert req.echo is True and req.suffix == "s"
+    assert refused(CompletionRequest, {**body, "logprobs": 6}).param == "logprobs"

@@ -81,6 +81,13 @@ class UnsupportedCapability(InvalidRequest):
     code = "unsupported_capability"
 
 
+class UnsupportedParameter(InvalidRequest):
+    """A field that asks for output the daemon cannot give (OpenAI's own code for it): refused
+    rather than ignored, so the client never takes free text for what it asked for."""
+
+    code = "unsupported_parameter"
+
+
 class NotFound(ThoxdError):
     status = 404
     type = "invalid_request_error"

@@ -10,10 +10,10 @@ from __future__ import annotations
 from collections.abc import Sequence
 from dataclasses import dataclass
 
-from thoxd.engine.request import Generation
+from thoxd.engine.request import Delta, Generation
 from thoxd.engine.runtime import Engine, LoadedModel
 from thoxd.engine.sampling import SamplingParams
-from thoxd.errors import InvalidRequest
+from thoxd.errors import InvalidRequest, UnsupportedParameter
 from thoxd.schemas import ChatRequest, CompletionRequest, GenerationBody
 
 
@@ -31,6 +31,7 @@ class Started:
 
 
 async def start_chat(engine: Engine, body: ChatRequest) -> Started:
+    body.check_supported()
     # Held from lookup to submit, so the model cannot be evicted in between; after that its
     # generations hold it until they end.
     async with engine.use(body.model, body.keep_alive) as model:
@@ -40,19 +41,42 @@ async def start_chat(engine: Engine, body: ChatRequest) -> Started:
 
 
 async def start_completion(engine: Engine, body: CompletionRequest) -> Started:
+    body.check_supported()
     async with engine.use(body.model, body.keep_alive) as model:
         if "completion" not in model.spec.capabilities:
             raise InvalidRequest(
                 f"The model '{model.spec.id}' does not do text completions.", param="model"
             )
+        suffix = None
+        if body.suffix:
+            if model.llama.fim is None:
+                raise UnsupportedParameter(
+                    f"The model '{model.spec.id}' has no fill-in-the-middle tokens, so it cannot"
+                    " complete between a prompt and a 'suffix'.",
+                    param="suffix",
+                )
+            suffix = await model.tokenize(body.suffix, add_special=False)
         prompts: list[list[int]] = []
+        echoes: list[str] = []
         for prompt in split_prompts(body.prompt):
             if isinstance(prompt, str):
-                prompts.append(await model.tokenize(prompt, add_special=True))
+                tokens = await model.tokenize(prompt, add_special=suffix is None)
+                echoes.append(prompt)
             else:
                 _check_token_ids(prompt, model.llama.n_vocab)
-                prompts.append(list(prompt))
-        return _submit(model, body, prompts, "prompt")
+                tokens = list(prompt)
+                echoes.append(model.llama.detokenize(tokens))
+            prompts.append(tokens if suffix is None else infill(model, tokens, suffix))
+        return _submit(model, body, prompts, "prompt", echoes if body.echo else None)
+
+
+def infill(model: LoadedModel, prefix: list[int], suffix: list[int]) -> list[int]:
+    """A fill-in-the-middle prompt, laid out as llama-server's /infill does (prefix, suffix,
+    middle): the model then writes what goes between `prefix` and `suffix`."""
+    llama = model.llama
+    assert llama.fim is not None
+    pre, suf, mid = llama.fim
+    return [*([llama.bos] if llama.add_bos else []), pre, *prefix, suf, *suffix, mid]
 
 
 def split_prompts(
@@ -89,7 +113,11 @@ def sampling_params(model: LoadedModel, body: GenerationBody) -> SamplingParams:
 
 
 def _submit(
-    model: LoadedModel, body: GenerationBody, prompts: list[list[int]], param: str
+    model: LoadedModel,
+    body: GenerationBody,
+    prompts: list[list[int]],
+    param: str,
+    echoes: list[str] | None = None,
 ) -> Started:
     for tokens in prompts:
         if not tokens:
@@ -101,7 +129,7 @@ def _submit(
     limit = body.token_limit or model.spec.defaults.max_tokens
     started = Started(body.model, model, [])
     try:
-        for tokens in prompts:
+        for i, tokens in enumerate(prompts):
             room = model.n_ctx - len(tokens)
             gen = Generation(
                 prompt=tokens,
@@ -110,6 +138,8 @@ def _submit(
                 stops=stops,
                 stop_tokens=stop_tokens,
             )
+            if echoes is not None and echoes[i]:
+                gen.push(Delta(echoes[i]))  # queued before any token the engine sends
             model.submit(gen)
             started.generations.append(gen)
     except BaseException:

@@ -18,7 +18,7 @@ from pydantic import (
 )
 
 from thoxd.catalog import Duration
-from thoxd.errors import InvalidRequest
+from thoxd.errors import InvalidRequest, UnsupportedParameter
 
 _Model = TypeVar("_Model", bound=BaseModel)
 
@@ -82,6 +82,9 @@ class GenerationBody(_Body):
             raise ValueError("at most 4 stop sequences")
         return value
 
+    def check_supported(self) -> None:
+        """Raise UnsupportedParameter for a field whose promise about the output we cannot keep."""
+
     @property
     def stops(self) -> tuple[str, ...]:
         if self.stop is None:
@@ -97,8 +100,38 @@ class GenerationBody(_Body):
         return self.stream_options is not None and self.stream_options.include_usage
 
 
+_NO_LOGPROBS = "Log probabilities are not supported yet: send the request without '{}'."
+
+
+class ResponseFormat(_Body):
+    type: Literal["text", "json_object", "json_schema"]
+
+
 class ChatRequest(GenerationBody):
     messages: list[ChatMessage] = Field(min_length=1, max_length=4096)
+    # Accepted so that they can be refused by name (check_supported), not silently dropped.
+    logprobs: bool = False
+    top_logprobs: int | None = Field(None, ge=0, le=20)
+    response_format: ResponseFormat | None = None
+    tools: list[dict[str, Any]] | None = None
+    tool_choice: str | dict[str, Any] | None = None
+
+    def check_supported(self) -> None:
+        if self.logprobs or self.top_logprobs:
+            param = "logprobs" if self.logprobs else "top_logprobs"
+            raise UnsupportedParameter(_NO_LOGPROBS.format(param), param=param)
+        if self.response_format is not None and self.response_format.type != "text":
+            raise UnsupportedParameter(
+                f"response_format '{self.response_format.type}' (JSON mode) is not supported"
+                " yet; without it the model answers in free text.",
+                param="response_format",
+            )
+        if self.tools and self.tool_choice != "none":
+            raise UnsupportedParameter(
+                "Tool calling is not supported yet: send the request without 'tools'"
+                " (or with tool_choice 'none').",
+                param="tools",
+            )
 
     def template_messages(self) -> list[dict[str, Any]]:
         # "developer" is OpenAI's new name for "system".
@@ -126,6 +159,14 @@ def _at_most(most: int) -> AfterValidator:
 
 class CompletionRequest(GenerationBody):
     prompt: Annotated[PromptInput, _at_most(64)]
+    # Fill-in-the-middle: the text that follows the completion (models with FIM tokens only).
+    suffix: str | None = None
+    echo: bool = False  # the prompt's text comes first in each choice's text
+    logprobs: int | None = Field(None, ge=0, le=5)
+
+    def check_supported(self) -> None:
+        if self.logprobs is not None:
+            raise UnsupportedParameter(_NO_LOGPROBS.format("logprobs"), param="logprobs")
 
 
 class EmbeddingRequest(_Body):

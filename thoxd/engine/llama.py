@@ -89,6 +89,14 @@ class LlamaModel:
         self.n_embd: int = llama_cpp.llama_model_n_embd(ptr)
         self.size_bytes: int = llama_cpp.llama_model_size(ptr)
         self.add_bos: bool = llama_cpp.llama_vocab_get_add_bos(self.vocab)
+        self.bos: int = llama_cpp.llama_vocab_bos(self.vocab)
+        fim = (
+            llama_cpp.llama_vocab_fim_pre(self.vocab),
+            llama_cpp.llama_vocab_fim_suf(self.vocab),
+            llama_cpp.llama_vocab_fim_mid(self.vocab),
+        )
+        # Fill-in-the-middle: (prefix, suffix, middle) token ids, when the vocabulary has them.
+        self.fim: tuple[int, int, int] | None = fim if min(fim) >= 0 else None
         self._eog = {t for t in range(self.n_vocab) if llama_cpp.llama_vocab_is_eog(self.vocab, t)}
 
     def close(self) -> None:
@@ -121,6 +129,9 @@ class LlamaModel:
             buf = ctypes.create_string_buffer(-n)
             n = llama_cpp.llama_token_to_piece(self.vocab, token, buf, len(buf), 0, False)
         return buf.raw[:n]
+
+    def detokenize(self, tokens: Sequence[int]) -> str:
+        return b"".join(self.piece(t) for t in tokens).decode("utf-8", errors="replace")
 
     def is_eog(self, token: int) -> bool:
         return token in self._eog
