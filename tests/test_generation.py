@@ -83,6 +83,10 @@ def test_echo_puts_the_prompt_before_the_completion(fim_box: Daemon) -> None:
     plain = _complete(fim_box, prompt=PREFIX).json()["choices"][0]["text"]
     echoed = _complete(fim_box, prompt=PREFIX, echo=True).json()["choices"][0]["text"]
     assert echoed == PREFIX + plain
+    # Token ids echo as their text; BOS, a control token, as nothing.
+    tokens = [2, 9259, 993]  # BOS "Hello" " there"
+    text = _complete(fim_box, prompt=tokens, echo=True).json()["choices"][0]["text"]
+    assert text.startswith("Hello there") and len(text) > len("Hello there")
     with httpx.stream(
         "POST",
         fim_box.url + "/v1/completions",

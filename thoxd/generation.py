@@ -61,11 +61,11 @@ async def start_completion(engine: Engine, body: CompletionRequest) -> Started:
         for prompt in split_prompts(body.prompt):
             if isinstance(prompt, str):
                 tokens = await model.tokenize(prompt, add_special=suffix is None)
-                echoes.append(prompt)
             else:
                 _check_token_ids(prompt, model.llama.n_vocab)
                 tokens = list(prompt)
-                echoes.append(model.llama.detokenize(tokens))
+            if body.echo:
+                echoes.append(prompt if isinstance(prompt, str) else model.llama.detokenize(tokens))
             prompts.append(tokens if suffix is None else infill(model, tokens, suffix))
         return _submit(model, body, prompts, "prompt", echoes if body.echo else None)
 
