@@ -18,13 +18,13 @@ from thoxd.engine.model import LoadedModel
 from thoxd.generation import infill
 
 # Gemma's vocabulary has no FIM tokens; the copy names three of its unused control tokens.
-FIM_IDS = {"fim_pre": 6, "fim_suf": 7, "fim_mid": 8}
+FIM = (6, 7, 8)  # prefix, suffix, middle
 PREFIX = "def add(a, b):\n    "
 SUFFIX = "\n    return total\n"
 
 
 def _model(add_bos: bool) -> LoadedModel:
-    llama = SimpleNamespace(fim=(6, 7, 8), bos=2, add_bos=add_bos)
+    llama = SimpleNamespace(fim=FIM, bos=2, add_bos=add_bos)
     return cast(LoadedModel, SimpleNamespace(llama=llama))
 
 
@@ -42,12 +42,9 @@ def fim_box(tmp_path_factory: pytest.TempPathFactory, model_file: Path) -> Itera
     arch = reader.get_field(gguf.Keys.General.ARCHITECTURE)
     assert arch is not None
     writer = gguf.GGUFWriter(models / "fim.gguf", arch.contents())
-    keys = {
-        gguf.Keys.Tokenizer.FIM_PRE_ID: FIM_IDS["fim_pre"],
-        gguf.Keys.Tokenizer.FIM_SUF_ID: FIM_IDS["fim_suf"],
-        gguf.Keys.Tokenizer.FIM_MID_ID: FIM_IDS["fim_mid"],
-    }
-    new = {k: MetadataDetails(gguf.GGUFValueType.UINT32, v) for k, v in keys.items()}
+    tok = gguf.Keys.Tokenizer
+    keys = (tok.FIM_PRE_ID, tok.FIM_SUF_ID, tok.FIM_MID_ID)
+    new = {k: MetadataDetails(gguf.GGUFValueType.UINT32, v) for k, v in zip(keys, FIM, strict=True)}
     copy_with_new_metadata(reader, writer, new, [])
     catalog = tmp / "models.toml"
     catalog.write_text(
