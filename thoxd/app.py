@@ -79,6 +79,7 @@ def create_app(
                 slots=settings.slots,
                 queue_size=settings.queue_size,
                 batch_size=settings.batch_size,
+                draft_max=settings.draft_max,
                 memory_budget=budget_bytes(
                     settings.memory_budget, psutil.virtual_memory().available
                 ),

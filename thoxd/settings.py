@@ -105,6 +105,14 @@ class Settings(BaseSettings):
         description="Most tokens in one llama_decode: the prefill chunk that shares a step "
         "with running streams (256 halves their worst stall against 512, same prefill speed).",
     )
+    draft_max: int = Field(
+        15,
+        ge=0,
+        le=63,
+        description="Speculative decoding by prompt lookup: most tokens drafted per sequence "
+        "and step from earlier text of its prompt or output, checked in the same step; each step "
+        "drafts only as many as its measured cost says pay off. 0 turns it off.",
+    )
     # -- models: thoxd/engine/runtime.py --
     memory_budget: Annotated[str, AfterValidator(_size)] = Field(
         "80%",

@@ -18,6 +18,7 @@ def load_model(
     slots: int = 4,
     queue_size: int = 16,
     batch_size: int = 512,
+    draft_max: int = 15,
 ) -> LoadedModel:
     # As in the daemon: llama.cpp logs through our router, also while contexts are freed.
     route_llama_logs()
@@ -27,6 +28,7 @@ def load_model(
         slots=slots,
         queue_size=queue_size,
         batch_size=batch_size,
+        draft_max=draft_max,
     )
     return LoadedModel(spec, model_file, config)
 

@@ -65,6 +65,7 @@ def estimate(gguf: GGUFInfo, **options: Any) -> MemoryEstimate:
     args: dict[str, Any] = {
         "n_ctx": 1024,
         "slots": 2,
+        "outputs": 2,
         "batch_size": 64,
         "embeddings": False,
         "embed_batch": 32,
@@ -164,6 +165,9 @@ def test_compute_grows_with_batch_cells_and_vocabulary() -> None:
     base = estimate(info()).compute
     assert estimate(info(), batch_size=128).compute > base
     assert estimate(info(), n_ctx=2048).compute > base
+    # Drafts checked in a step are output rows too: their logits, computed and copied out.
+    rows = estimate(info(), outputs=16).compute - base
+    assert rows == 14 * 2 * TOKENS["len"] * 4  # type: ignore[operator]
     big_vocab = {**meta(), "tokenizer.ggml.tokens": {"type": "array", "of": "string", "len": 9000}}
     assert estimate(info(big_vocab)).compute > base
     # Compute does not depend on the weights.
@@ -266,7 +270,13 @@ def test_default_model_matches_what_llama_cpp_allocated(model_file: Path) -> Non
     # model buffer 235.16 MiB, compute 40.9 MiB plus 4 MiB of output.
     gguf_info = check_gguf(model_file, root=model_file.parent)
     result = estimate_memory(
-        gguf_info, n_ctx=8192, slots=4, batch_size=256, embeddings=False, embed_batch=64
+        gguf_info,
+        n_ctx=8192,
+        slots=4,
+        outputs=16,
+        batch_size=256,
+        embeddings=False,
+        embed_batch=64,
     )
     # 576 MiB in llama.cpp's cache, and up to one 8192-token context parked in host memory.
     assert result.kv_cache == (576 + 144) * MIB

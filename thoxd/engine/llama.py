@@ -97,6 +97,11 @@ class LlamaModel:
         )
         # Fill-in-the-middle: (prefix, suffix, middle) token ids, when the vocabulary has them.
         self.fim: tuple[int, int, int] | None = fim if min(fim) >= 0 else None
+        # A recurrent state cannot drop its last positions, so rejected drafts could not be
+        # taken back out of the cache (thoxd.engine.drafts).
+        self.rewindable: bool = not (
+            llama_cpp.llama_model_is_recurrent(ptr) or llama_cpp.llama_model_is_hybrid(ptr)
+        )
         self._eog = {t for t in range(self.n_vocab) if llama_cpp.llama_vocab_is_eog(self.vocab, t)}
 
     def close(self) -> None:
@@ -143,6 +148,10 @@ class ContextConfig:
     n_seq_max: int
     n_batch: int
     n_threads: int
+    # Most output rows (logits) in one step, and for one sequence: one per running sequence,
+    # plus the drafts speculative decoding checks (thoxd.engine.drafts).
+    max_outputs: int = 0  # 0: n_seq_max
+    max_outputs_per_seq: int = 1
     embeddings: bool = False
 
 
@@ -162,10 +171,10 @@ class LlamaContext:
         # Full-size SWA cache keeps cached prefixes reusable on sliding-window models (Gemma 3).
         params.swa_full = True
         params.no_perf = True
-        # At most one sampled token per sequence per step: sizing the logits buffer for n_batch
-        # outputs would cost n_batch x n_vocab floats (512 MiB for Gemma 3) for nothing.
-        params.n_outputs_max = config.n_seq_max
-        params.n_outputs_max_per_seq = 1
+        # Only the rows that are sampled: sizing the logits buffer for n_batch outputs would
+        # cost n_batch x n_vocab floats (512 MiB for Gemma 3) for nothing.
+        params.n_outputs_max = config.max_outputs or config.n_seq_max
+        params.n_outputs_max_per_seq = config.max_outputs_per_seq
         if config.embeddings:
             # Per-token embeddings, pooled by the caller chunk by chunk. llama.cpp's own pooling
             # needs the whole input in one ubatch, and the graph still computes logits for every

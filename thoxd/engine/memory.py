@@ -100,6 +100,7 @@ def estimate_memory(
     *,
     n_ctx: int,
     slots: int,
+    outputs: int,
     batch_size: int,
     embeddings: bool,
     embed_batch: int,
@@ -107,8 +108,9 @@ def estimate_memory(
     shape = Shape.of(info)
     cells = n_ctx * slots
     kv = (cells + n_ctx) * shape.kv_per_token  # the cache, and what may be parked beside it
-    # Generation: up to one logits row per slot, plus the logits of the worst ubatch.
-    compute = shape.compute(cells, batch_size, slots) + slots * shape.n_vocab * _F32
+    # Generation: a step's output rows (one per slot, or drafts being checked) in the worst
+    # ubatch, and the buffer their logits are copied to.
+    compute = shape.compute(cells, batch_size, outputs) + outputs * shape.n_vocab * _F32
     if embeddings:
         kv += n_ctx * shape.kv_per_token
         compute += shape.compute(n_ctx, embed_batch, embed_batch)

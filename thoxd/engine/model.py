@@ -47,6 +47,12 @@ class EngineConfig:
     batch_size: int
     memory_budget: int = 1 << 62  # bytes every loaded model may use together
     keep_alive: float = math.inf  # seconds idle before a model is unloaded
+    draft_max: int = 15  # tokens drafted per sequence and step by prompt lookup; 0: none
+
+    @property
+    def max_outputs(self) -> int:
+        """Output rows one step may have: a row per slot, or one sequence's full draft."""
+        return max(self.slots, self.draft_max + 1)
 
 
 class LoadedModel:
@@ -79,6 +85,8 @@ class LoadedModel:
                     n_seq_max=config.slots,
                     n_batch=config.batch_size,
                     n_threads=config.threads,
+                    max_outputs=config.max_outputs,
+                    max_outputs_per_seq=config.draft_max + 1,
                 ),
             )
         except LlamaLoadError:
@@ -90,6 +98,8 @@ class LoadedModel:
             n_slots=config.slots,
             n_ctx_seq=spec.n_ctx,
             queue_size=config.queue_size,
+            draft_max=config.draft_max,
+            max_outputs=config.max_outputs,
             name=spec.id,
             on_finished=(lambda f: on_finished(spec.id, f)) if on_finished else None,
         )

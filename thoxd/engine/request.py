@@ -29,8 +29,11 @@ class Timings:
     predicted_n: int = 0
     predicted_ms: float = 0.0
     queue_ms: float = 0.0
+    draft_n: int = 0  # tokens drafted by prompt lookup and checked (thoxd.engine.drafts)
+    draft_n_accepted: int = 0
 
     def as_dict(self) -> dict[str, Any]:
+        drafts = {"draft_n": self.draft_n, "draft_n_accepted": self.draft_n_accepted}
         return {
             "cache_n": self.cache_n,
             "prompt_n": self.prompt_n,
@@ -40,6 +43,7 @@ class Timings:
             "predicted_ms": round(self.predicted_ms, 3),
             "predicted_per_second": _rate(self.predicted_n, self.predicted_ms),
             "queue_ms": round(self.queue_ms, 3),
+            **(drafts if self.draft_n else {}),  # as llama-server: only when there were drafts
         }
 
 

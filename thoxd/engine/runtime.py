@@ -210,6 +210,7 @@ class Engine:
             info,
             n_ctx=spec.n_ctx,
             slots=self.config.slots,
+            outputs=self.config.max_outputs,
             batch_size=self.config.batch_size,
             embeddings="embeddings" in spec.capabilities,
             embed_batch=EMBED_BATCH,

@@ -11,6 +11,9 @@ from the (unified) cache, so each step attends only over the running sequences' 
 a request into a parked slot copies them back (~1 ms per 1000 tokens). What is parked is bounded
 by one context's worth of tokens; past it, the least recently used go.
 
+A sequence's next token may come with drafts from prompt lookup (thoxd.engine.drafts), checked
+as extra output rows of the same step, as many as the step costs measured at start say pay off.
+
 Nothing here blocks the event loop: requests arrive through a locked deque, events leave through
 `Generation.push`. Other work that must own the context (embeddings) runs between steps as jobs.
 """
@@ -26,6 +29,7 @@ from concurrent.futures import Future
 from dataclasses import dataclass
 from typing import Any
 
+from thoxd.engine.drafts import Acceptance, Lookup, StepCosts, measure_step_costs, row_counts
 from thoxd.engine.llama import Batch, LlamaContext, LlamaModel
 from thoxd.engine.request import Delta, Failed, Finished, Generation, Timings
 from thoxd.engine.sampling import Sampler
@@ -58,6 +62,8 @@ class Scheduler:
         n_ctx_seq: int,
         queue_size: int,
         name: str,
+        draft_max: int = 0,
+        max_outputs: int = 0,
         on_finished: Callable[[Finished], None] | None = None,
     ) -> None:
         self._model = model
@@ -69,6 +75,9 @@ class Scheduler:
         self._slots = [Slot(seq_id=i) for i in range(n_slots)]
         self._park_cap = n_ctx_seq  # tokens parked in host memory, over all idle slots
         self._batch = Batch(ctx.n_batch)
+        self._draft_max = draft_max if model.rewindable else 0
+        self._max_outputs = min(max_outputs or n_slots, ctx.n_batch)
+        self._costs = StepCosts({})  # measured when the thread starts, if drafts are on
         self._waiting: deque[Generation] = deque()
         self._jobs: deque[tuple[Callable[[], Any], Future[Any]]] = deque()
         self._cond = threading.Condition()
@@ -125,12 +134,23 @@ class Scheduler:
 
     def _run(self) -> None:
         try:
+            if self._draft_max:
+                self._measure_step_costs()
             while self._next_round():
                 pass
         except Exception:  # pragma: no cover - a bug; fail loudly but tell every client
             logger.exception("engine thread failed")
         finally:
             self._abandon_all()
+
+    def _measure_step_costs(self) -> None:
+        sizes = row_counts(len(self._slots), self._max_outputs)
+        token = max(self._model.bos, 0)
+        self._costs = measure_step_costs(self._ctx, self._batch, sizes, 0, token)
+        logger.info(
+            "step ms by output rows: %s",
+            ", ".join(f"{n}: {ms:.1f}" for n, ms in sorted(self._costs.ms.items())),
+        )
 
     def _next_round(self) -> bool:
         with self._cond:
@@ -197,6 +217,10 @@ class Scheduler:
             cache_n=keep,
             fused=not alone,
             admitted_at=now,
+            lookup=Lookup(gen.prompt if self._draft_max else ()),
+            # A fixed start, not what earlier requests saw: a lone greedy request drafts, and so
+            # reads its logits from the same kernels, however often it is repeated.
+            acceptance=Acceptance(0.5),
         )
 
     def _run_job(self, fn: Callable[[], Any], future: Future[Any]) -> None:
@@ -216,15 +240,20 @@ class Scheduler:
         park_idle(self._slots, self._ctx, self._park_cap)
         batch = self._batch
         batch.clear()
-        outputs: list[tuple[Slot, int]] = []
+        # Each output: its slot, its rows in the batch, and the lookup's guesses for the tokens
+        # those rows sample (the rows after the first decode the guesses, i.e. drafts).
+        outputs: list[tuple[Slot, list[int], list[int]]] = []
         running = [s for s in self._slots if s.run is not None]
-        for slot in running:
+        decoding = [s for s in running if s.run is not None and not s.run.pending]
+        prefill = len(decoding) < len(running)
+        for slot, (guesses, n) in zip(decoding, self._guesses(decoding, prefill), strict=True):
             run = slot.run
             assert run is not None
-            if not run.pending:
-                index = batch.add(run.last_token, len(slot.cached), slot.seq_id, logits=True)
-                outputs.append((slot, index))
-                slot.cached.append(run.last_token)
+            start = len(slot.cached)
+            tokens = [run.last_token, *guesses[:n]]
+            rows = [batch.add(t, start + k, slot.seq_id, logits=True) for k, t in enumerate(tokens)]
+            outputs.append((slot, rows, guesses[: n + 1]))
+            slot.cached.extend(tokens)
         # Prefill in admission order, in chunks that fit what the batch has left, so a long
         # prompt shares steps with the streams already running instead of stalling them. One
         # prompt per step: on a CPU prefill costs the same per token however prompts are packed,
@@ -244,7 +273,7 @@ class Scheduler:
                 index = batch.add(
                     chunk[-1], len(slot.cached) + len(chunk) - 1, slot.seq_id, logits=True
                 )
-                outputs.append((slot, index))
+                outputs.append((slot, [index], []))
             else:
                 batch.add_sequence(chunk, len(slot.cached), slot.seq_id)
             slot.cached.extend(chunk)
@@ -252,28 +281,77 @@ class Scheduler:
         if rc != 0:
             self._fail_batch(running, rc)
             return
-        for slot, index in outputs:
-            self._advance(slot, index)
+        for slot, rows, guesses in outputs:
+            self._advance(slot, rows, guesses)
 
-    def _advance(self, slot: Slot, index: int) -> None:
+    def _guesses(self, decoding: list[Slot], prefill: bool) -> list[tuple[list[int], int]]:
+        """For each decoding sequence: the lookup's guesses at its next tokens, and how many of
+        them this step checks as drafts. Guesses are made (and scored) even when none is
+        checked: that is how a sequence's acceptance is known before drafting pays. A step
+        with prefill checks none: its cost is the prefill's, not the measured one."""
+        if not self._draft_max:
+            return [([], 0)] * len(decoding)
+        guesses: list[list[int]] = []
+        room: list[int] = []
+        for slot in decoding:
+            run = slot.run
+            assert run is not None
+            limit = min(
+                self._draft_max,
+                run.gen.max_tokens - run.generated - 1,  # the step's own token comes first
+                self._n_ctx_seq - len(slot.cached) - 1,
+            )
+            guesses.append(run.lookup.draft(max(limit, 0) + 1))
+            room.append(max(min(limit, len(guesses[-1])), 0))
+        if prefill:
+            return [(g, 0) for g in guesses]
+        rates = [s.run.acceptance.rate if s.run else 0.0 for s in decoding]
+        counts = self._costs.plan(len(decoding), list(zip(rates, room, strict=True)))
+        return list(zip(guesses, counts, strict=True))
+
+    def _advance(self, slot: Slot, rows: list[int], guesses: list[int]) -> None:
+        """Sample a sequence's rows in order, each with the request's own sampler, while the
+        drafts equal what was sampled; then take the rejected drafts back out of the cache."""
         run = slot.run
         assert run is not None
-        token = run.sampler.sample(self._ctx, index)
+        start = len(slot.cached) - len(rows)  # the position of the first row's token
+        texts: list[str] = []
+        for i, index in enumerate(rows):
+            token = run.sampler.sample(self._ctx, index)
+            if i < len(guesses):
+                run.acceptance.observe(token == guesses[i])
+            reason = self._take(run, token, start + i + 1, texts)
+            if reason is not None or i + 1 == len(rows) or token != guesses[i]:
+                break
+        used = i + 1
+        run.draft_n += len(rows) - 1
+        run.draft_accepted += used - 1
+        if used < len(rows):
+            del slot.cached[start + used :]
+            self._ctx.seq_rm(slot.seq_id, start + used)
+        if texts:
+            run.gen.push(Delta("".join(texts)))
+        if reason is not None:
+            self._finish(slot, reason)
+        else:
+            run.last_token = token
+
+    def _take(self, run: Running, token: int, in_cache: int, texts: list[str]) -> str | None:
+        """Give a request its next token; the finish reason if that ends it."""
         if not run.first_token_at:
             run.first_token_at = time.monotonic()
         if self._model.is_eog(token) or token in run.gen.stop_tokens:
-            self._finish(slot, "stop")
-            return
+            return "stop"
         run.generated += 1
         text = run.text.feed(self._model.piece(token))
         if text:
-            run.gen.push(Delta(text))
+            texts.append(text)
         if run.text.stopped:
-            self._finish(slot, "stop")
-        elif run.generated >= run.gen.max_tokens or len(slot.cached) >= self._n_ctx_seq:
-            self._finish(slot, "length")
-        else:
-            run.last_token = token
+            return "stop"
+        if run.generated >= run.gen.max_tokens or in_cache >= self._n_ctx_seq:
+            return "length"
+        run.lookup.append(token)
+        return None
 
     def _finish(self, slot: Slot, reason: str) -> None:
         run = slot.run
@@ -291,6 +369,8 @@ class Scheduler:
             predicted_n=run.generated,
             predicted_ms=(now - first) * 1000.0,
             queue_ms=(run.admitted_at - run.gen.submitted_at) * 1000.0,
+            draft_n=run.draft_n,
+            draft_n_accepted=run.draft_accepted,
         )
         run.sampler.close()
         slot.run = None

@@ -10,6 +10,7 @@ from __future__ import annotations
 
 from dataclasses import dataclass, field
 
+from thoxd.engine.drafts import Acceptance, Lookup
 from thoxd.engine.llama import LlamaContext
 from thoxd.engine.request import Generation
 from thoxd.engine.sampling import Sampler
@@ -31,8 +32,13 @@ class Running:
     cache_n: int
     fused: bool
     admitted_at: float
+    # Prompt lookup over the prompt and output so far, and how often its guesses came true.
+    lookup: Lookup
+    acceptance: Acceptance
     first_token_at: float = 0.0
     generated: int = 0
+    draft_n: int = 0  # drafted tokens checked
+    draft_accepted: int = 0  # of which the request's own sampling picked
 
 
 @dataclass(eq=False)
