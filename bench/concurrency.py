@@ -320,6 +320,7 @@ def main() -> int:
     p.add_argument("--prefix-reps", type=int, default=4)
     p.add_argument("--prefix-funcs", type=int, default=14, help="size of the shared prefix")
     p.add_argument("--health-polls", type=int, default=200)
+    p.add_argument("--draft-max", type=int, help="thoxd --draft-max (prompt-lookup drafts; 0: off)")
     p.add_argument("--first", choices=["thoxd", "llama-server"], default="thoxd")
     p.add_argument("--json", type=Path, help="save every number here")
     p.add_argument("--no-ceiling", action="store_true", help="skip llama.cpp driven directly")
@@ -335,11 +336,12 @@ def main() -> int:
     results: dict[str, Any] = {"machine": machine(), "args": vars(args)}
     with tempfile.TemporaryDirectory(prefix="thoxd-conc-") as tmp:
         port = free_port()
+        drafts = [] if args.draft_max is None else ["--draft-max", str(args.draft_max)]
         cmds = {
             "thoxd": [sys.executable, "-m", "thoxd", "serve", "--host", "127.0.0.1",
                       "--port", str(port), "--models-dir", str(args.models_dir),
                       "--state-dir", tmp, "--threads", t, "--slots", str(n),
-                      "--log-level", "warning"],
+                      "--log-level", "warning", *drafts],
             "llama-server": [str(args.llama_server), "-m", str(model), "--host", "127.0.0.1",
                              "--port", str(port), "-t", t, "-tb", t, "-np", str(n),
                              "-c", str(N_CTX * n), "--kv-unified", "--swa-full", "--no-webui"],

@@ -18,10 +18,13 @@ millisecond, which is often none.
 
 from __future__ import annotations
 
+import logging
 import time
 from collections.abc import Iterable, Sequence
 
 from thoxd.engine.llama import Batch, LlamaContext
+
+logger = logging.getLogger("thoxd.engine")
 
 # Longest n-gram first: a longer match is a more specific context, so its continuation is more
 # often right (94% against 90% on code being rewritten, measured); 2-grams find more matches.
@@ -104,6 +107,20 @@ class StepCosts:
         return counts
 
 
+def propose(
+    costs: StepCosts | None, sequences: Sequence[tuple[Lookup, float, int]]
+) -> list[tuple[list[int], int]]:
+    """For each sequence (its lookup, acceptance rate, and the most drafts it may take): the
+    lookup's guesses at its next tokens, and how many of them this step checks as drafts (none
+    without `costs`). Guesses are made even when none is checked: scoring them is how a
+    sequence's acceptance is known before drafting pays."""
+    guesses = [lookup.draft(max(n, 0) + 1) for lookup, _, n in sequences]
+    if costs is None:
+        return [(g, 0) for g in guesses]
+    wanted = [(rate, min(n, len(g))) for (_, rate, n), g in zip(sequences, guesses, strict=True)]
+    return list(zip(guesses, costs.plan(len(sequences), wanted), strict=True))
+
+
 def row_counts(slots: int, max_rows: int) -> list[int]:
     """The row counts worth measuring: every count up to the slots (a step without drafts has
     one row per running sequence), the small ones, and multiples of four (llama.cpp's multi-row
@@ -131,4 +148,5 @@ def measure_step_costs(
             return StepCosts({})
         ms[n] = min(ms.get(n, elapsed), elapsed)
     batch.clear()
+    logger.info("step ms by output rows: %s", ", ".join(f"{n}: {ms[n]:.1f}" for n in sorted(ms)))
     return StepCosts(ms)

@@ -29,7 +29,14 @@ from concurrent.futures import Future
 from dataclasses import dataclass
 from typing import Any
 
-from thoxd.engine.drafts import Acceptance, Lookup, StepCosts, measure_step_costs, row_counts
+from thoxd.engine.drafts import (
+    Acceptance,
+    Lookup,
+    StepCosts,
+    measure_step_costs,
+    propose,
+    row_counts,
+)
 from thoxd.engine.llama import Batch, LlamaContext, LlamaModel
 from thoxd.engine.request import Delta, Failed, Finished, Generation, Timings
 from thoxd.engine.sampling import Sampler
@@ -135,22 +142,15 @@ class Scheduler:
     def _run(self) -> None:
         try:
             if self._draft_max:
-                self._measure_step_costs()
+                sizes = row_counts(len(self._slots), self._max_outputs)
+                token = max(self._model.bos, 0)
+                self._costs = measure_step_costs(self._ctx, self._batch, sizes, 0, token)
             while self._next_round():
                 pass
         except Exception:  # pragma: no cover - a bug; fail loudly but tell every client
             logger.exception("engine thread failed")
         finally:
             self._abandon_all()
-
-    def _measure_step_costs(self) -> None:
-        sizes = row_counts(len(self._slots), self._max_outputs)
-        token = max(self._model.bos, 0)
-        self._costs = measure_step_costs(self._ctx, self._batch, sizes, 0, token)
-        logger.info(
-            "step ms by output rows: %s",
-            ", ".join(f"{n}: {ms:.1f}" for n, ms in sorted(self._costs.ms.items())),
-        )
 
     def _next_round(self) -> bool:
         with self._cond:
@@ -285,29 +285,19 @@ class Scheduler:
             self._advance(slot, rows, guesses)
 
     def _guesses(self, decoding: list[Slot], prefill: bool) -> list[tuple[list[int], int]]:
-        """For each decoding sequence: the lookup's guesses at its next tokens, and how many of
-        them this step checks as drafts. Guesses are made (and scored) even when none is
-        checked: that is how a sequence's acceptance is known before drafting pays. A step
-        with prefill checks none: its cost is the prefill's, not the measured one."""
+        """Each decoding sequence's guesses at its next tokens and how many to check as drafts
+        (none in a step with prefill: its cost is the prefill's, not the measured one)."""
         if not self._draft_max:
             return [([], 0)] * len(decoding)
-        guesses: list[list[int]] = []
-        room: list[int] = []
+        sequences = []
         for slot in decoding:
             run = slot.run
             assert run is not None
-            limit = min(
-                self._draft_max,
-                run.gen.max_tokens - run.generated - 1,  # the step's own token comes first
-                self._n_ctx_seq - len(slot.cached) - 1,
-            )
-            guesses.append(run.lookup.draft(max(limit, 0) + 1))
-            room.append(max(min(limit, len(guesses[-1])), 0))
-        if prefill:
-            return [(g, 0) for g in guesses]
-        rates = [s.run.acceptance.rate if s.run else 0.0 for s in decoding]
-        counts = self._costs.plan(len(decoding), list(zip(rates, room, strict=True)))
-        return list(zip(guesses, counts, strict=True))
+            # The step's own token comes first; drafts must fit max_tokens and the context.
+            room = min(self._draft_max, run.gen.max_tokens - run.generated - 1)
+            room = min(room, self._n_ctx_seq - len(slot.cached) - 1)
+            sequences.append((run.lookup, run.acceptance.rate, room))
+        return propose(None if prefill else self._costs, sequences)
 
     def _advance(self, slot: Slot, rows: list[int], guesses: list[int]) -> None:
         """Sample a sequence's rows in order, each with the request's own sampler, while the

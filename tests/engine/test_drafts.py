@@ -1,0 +1,198 @@
+"""Prompt-lookup drafts: the lookup, the per-step plan, and the scheduler checking drafts on the
+real model (same text as without them, exact limits, rejected drafts taken out of the cache)."""
+
+from __future__ import annotations
+
+import asyncio
+from collections.abc import Iterator
+from pathlib import Path
+
+import llama_cpp
+import pytest
+
+from tests.engine.helpers import collect, load_model
+from thoxd.catalog import ModelSpec
+from thoxd.engine.drafts import Acceptance, Lookup, StepCosts, row_counts
+from thoxd.engine.request import Finished, Generation
+from thoxd.engine.runtime import LoadedModel
+from thoxd.engine.sampling import SamplingParams
+
+GREEDY = SamplingParams(temperature=0.0)
+# Measured on the 2-core development VM (bench/RESULTS.md): a second row doubles a step, and
+# rows past four are cheap, in tiles of four.
+CPU = StepCosts({1: 10.3, 2: 24.8, 3: 29.9, 4: 34.4, 8: 41.6, 12: 53.8, 16: 55.6})
+# Some lines of text and their repetition: what the model continues by copying.
+REPEATING = "The quick brown fox jumps over the lazy dog. " * 6 + "The quick"
+
+
+# ---------------------------------------------------------------- the lookup
+
+
+def test_lookup_drafts_what_followed_the_latest_occurrence() -> None:
+    lookup = Lookup([1, 2, 3, 4, 5, 1, 2, 3, 6, 7, 9, 2, 3])
+    # [2, 3] last came before 6 (not 4): the latest occurrence wins.
+    assert lookup.draft(3) == [6, 7, 9]
+    assert lookup.draft(1) == [6]
+    lookup.append(6)
+    lookup.append(7)
+    # The 3-gram [3, 6, 7] is known and followed by 9 ...
+    assert lookup.draft(4) == [9, 2, 3, 6]
+
+
+def test_lookup_prefers_the_longer_match() -> None:
+    # [8, 2] occurred (followed by 5) and so did [1, 8, 2] (followed by 4): the 3-gram decides.
+    lookup = Lookup([1, 8, 2, 4, 0, 9, 8, 2, 5, 1, 8, 2])
+    assert lookup.draft(1) == [4]
+
+
+def test_lookup_has_nothing_without_an_earlier_occurrence() -> None:
+    assert Lookup().draft(5) == []
+    assert Lookup([1, 2, 3, 4]).draft(5) == []
+    # Never the sequence's own end: [3, 4] occurs only as the last two tokens.
+    assert Lookup([3, 4, 9, 3, 4]).draft(2) == [9, 3]
+    assert Lookup([1, 2, 3]).draft(0) == []
+
+
+def test_acceptance_follows_what_came_true() -> None:
+    acceptance = Acceptance(0.5)
+    for _ in range(40):
+        acceptance.observe(True)
+    assert acceptance.rate > 0.99
+    for _ in range(40):
+        acceptance.observe(False)
+    assert acceptance.rate < 0.01
+
+
+# ---------------------------------------------------------------- the plan
+
+
+def test_one_sequence_drafts_only_when_nearly_always_right() -> None:
+    assert CPU.plan(1, [(0.5, 15)]) == [0]  # 2 rows cost 2.2x one: not at 50%
+    long = CPU.plan(1, [(0.95, 15)])
+    assert long[0] >= 7  # past four rows more are cheap: a long draft, to a measured size
+    assert 1 + long[0] in CPU.ms
+
+
+def test_four_sequences_draft_at_moderate_acceptance() -> None:
+    # At four rows a step already costs 34 ms; four more rows cost 7 ms.
+    assert CPU.plan(4, [(0.56, 15)] * 4) == [1, 1, 1, 1]
+    assert CPU.plan(4, [(0.1, 15)] * 4) == [0, 0, 0, 0]
+
+
+def test_drafts_go_to_the_sequences_most_often_right() -> None:
+    counts = CPU.plan(4, [(0.9, 15), (0.1, 15), (0.1, 15), (0.1, 15)])
+    assert counts[0] >= 4 and counts[1:] == [0, 0, 0]
+    # A sequence without guesses gets no rows, however good its record.
+    assert CPU.plan(4, [(0.99, 0), (0.6, 3), (0.6, 3), (0.6, 3)])[0] == 0
+
+
+def test_flat_costs_draft_everything_and_unmeasured_sizes_nothing() -> None:
+    flat = StepCosts(dict.fromkeys(range(1, 17), 10.0))  # a GPU-like step: rows are free
+    assert flat.plan(2, [(0.3, 15), (0.3, 5)]) == [9, 5]  # up to 16 rows in all
+    assert CPU.plan(5, [(0.9, 15)] * 5) == [0] * 5  # 5 rows were never measured
+    assert StepCosts({}).plan(1, [(0.99, 15)]) == [0]
+
+
+def test_row_counts_measured() -> None:
+    assert row_counts(4, 16) == [1, 2, 3, 4, 8, 12, 16]
+    assert row_counts(6, 16) == [1, 2, 3, 4, 5, 6, 8, 12, 16]
+    assert row_counts(4, 4) == [1, 2, 3, 4]
+    assert row_counts(1, 2) == [1, 2]
+
+
+# ---------------------------------------------------------------- on the real model
+
+
+@pytest.fixture(scope="module")
+def model(default_spec: ModelSpec, model_file: Path, models_dir: Path) -> Iterator[LoadedModel]:
+    m = load_model(default_spec, model_file, models_dir)
+    yield m
+    m.close()
+
+
+@pytest.fixture(scope="module")
+def plain(default_spec: ModelSpec, model_file: Path, models_dir: Path) -> Iterator[LoadedModel]:
+    m = load_model(default_spec, model_file, models_dir, draft_max=0)
+    yield m
+    m.close()
+
+
+async def _run(model: LoadedModel, prompt: str, **kw: object) -> tuple[str, Finished]:
+    gen = Generation(
+        prompt=model.llama.tokenize(prompt, add_special=True),
+        params=kw.pop("params", GREEDY),  # type: ignore[arg-type]
+        max_tokens=kw.pop("max_tokens", 32),  # type: ignore[arg-type]
+        stops=kw.pop("stops", ()),  # type: ignore[arg-type]
+    )
+    model.submit(gen)
+    return await collect(gen)
+
+
+def test_the_step_costs_were_measured_at_load(model: LoadedModel) -> None:
+    asyncio.run(_run(model, "Hello", max_tokens=1))  # served once they are measured
+    costs = model.scheduler._costs.ms  # what the plan reads
+    assert sorted(costs) == row_counts(4, 16)
+    assert all(ms > 0 for ms in costs.values())
+
+
+def test_drafts_are_checked_and_change_nothing_on_text_the_model_copies(
+    model: LoadedModel, plain: LoadedModel
+) -> None:
+    text, fin = asyncio.run(_run(model, REPEATING, max_tokens=32))
+    assert fin.timings.draft_n_accepted > 0  # tokens came from drafts
+    assert fin.timings.draft_n >= fin.timings.draft_n_accepted
+    assert "draft_n" in fin.timings.as_dict()
+    without, fin0 = asyncio.run(_run(plain, REPEATING, max_tokens=32))
+    assert fin0.timings.draft_n == 0 and "draft_n" not in fin0.timings.as_dict()
+    assert text == without
+    assert fin.completion_tokens == fin0.completion_tokens == 32
+
+
+@pytest.mark.parametrize("max_tokens", [1, 2, 7, 13])
+def test_max_tokens_is_exact_when_drafts_run_ahead(model: LoadedModel, max_tokens: int) -> None:
+    _, fin = asyncio.run(_run(model, REPEATING, max_tokens=max_tokens))
+    assert fin.finish_reason == "length"
+    assert fin.completion_tokens == fin.timings.predicted_n == max_tokens
+
+
+def test_a_stop_string_inside_accepted_drafts_ends_the_text_there(model: LoadedModel) -> None:
+    full, _ = asyncio.run(_run(model, REPEATING, max_tokens=32))
+    assert " lazy" in full
+    text, fin = asyncio.run(_run(model, REPEATING, max_tokens=32, stops=(" lazy",)))
+    assert fin.finish_reason == "stop"
+    assert text == full[: full.index(" lazy")]
+
+
+def test_a_seeded_sample_repeats_with_drafts(model: LoadedModel) -> None:
+    params = SamplingParams(temperature=0.7, seed=1234)
+    runs = [asyncio.run(_run(model, REPEATING, max_tokens=40, params=params)) for _ in range(2)]
+    assert runs[0][0] == runs[1][0]
+    assert runs[0][1].timings.draft_n > 0
+
+
+def test_rejected_drafts_leave_the_cache(model: LoadedModel) -> None:
+    # Four counting streams: drafts pay at four rows, and digits are often guessed wrong.
+    async def four() -> list[Finished]:
+        gens = [
+            Generation(
+                prompt=model.llama.tokenize(f"Count: {n}, {n + 1}, {n + 2},", add_special=True),
+                params=GREEDY,
+                max_tokens=40,
+            )
+            for n in (101, 257, 413, 569)
+        ]
+        for gen in gens:
+            model.submit(gen)
+        return [fin for _, fin in await asyncio.gather(*(collect(g) for g in gens))]
+
+    finished = asyncio.run(four())
+    drafted = sum(f.timings.draft_n for f in finished)
+    accepted = sum(f.timings.draft_n_accepted for f in finished)
+    assert drafted > accepted > 0  # some were right, some were rejected
+    # Each slot's cells are exactly the tokens it says it holds: none of a rejected draft.
+    scheduler, ctx = model.scheduler, model.scheduler._ctx
+    for slot in scheduler._slots:
+        if slot.parked is not None:  # those that finished first left the cache: back they come
+            assert ctx.seq_restore(slot.seq_id, slot.parked)
+            slot.parked = None
+        assert llama_cpp.llama_memory_seq_pos_max(ctx.memory, slot.seq_id) == len(slot.cached) - 1
