@@ -321,6 +321,11 @@ def main() -> int:
     p.add_argument("--prefix-funcs", type=int, default=14, help="size of the shared prefix")
     p.add_argument("--health-polls", type=int, default=200)
     p.add_argument("--draft-max", type=int, help="thoxd --draft-max (prompt-lookup drafts; 0: off)")
+    p.add_argument(
+        "--llama-server-args",
+        default="",
+        help="more llama-server flags, e.g. '--spec-type ngram-simple'",
+    )
     p.add_argument("--first", choices=["thoxd", "llama-server"], default="thoxd")
     p.add_argument("--json", type=Path, help="save every number here")
     p.add_argument("--no-ceiling", action="store_true", help="skip llama.cpp driven directly")
@@ -344,7 +349,8 @@ def main() -> int:
                       "--log-level", "warning", *drafts],
             "llama-server": [str(args.llama_server), "-m", str(model), "--host", "127.0.0.1",
                              "--port", str(port), "-t", t, "-tb", t, "-np", str(n),
-                             "-c", str(N_CTX * n), "--kv-unified", "--swa-full", "--no-webui"],
+                             "-c", str(N_CTX * n), "--kv-unified", "--swa-full", "--no-webui",
+                             *args.llama_server_args.split()],
         }  # fmt: skip
         for name in sorted(cmds, key=lambda k: k != args.first):
             cmd = cmds[name]

@@ -67,12 +67,15 @@ def test_tokens_and_latencies_from_the_engine_hook(tmp_path: Path, catalog: Cata
     app = make_app(tmp_path, catalog)
     timings = Timings(cache_n=2, prompt_n=8, prompt_ms=50.0, predicted_n=4, predicted_ms=40.0)
     timings.queue_ms = 10.0
+    timings.draft_n, timings.draft_n_accepted = 6, 2
     app.state.engine.on_finished(MODEL, Finished("length", 10, 4, timings))
     app.state.engine.on_finished(MODEL, Finished("cancelled", 5, 0, Timings()))
     samples = scrape(app)
     assert value(samples, "thoxd_prompt_tokens_total", model=MODEL) == 15
     assert value(samples, "thoxd_prompt_cached_tokens_total", model=MODEL) == 2
     assert value(samples, "thoxd_generated_tokens_total", model=MODEL) == 4
+    assert value(samples, "thoxd_draft_tokens_total", model=MODEL) == 6
+    assert value(samples, "thoxd_draft_accepted_tokens_total", model=MODEL) == 2
     assert value(samples, "thoxd_generations_total", model=MODEL, finish_reason="length") == 1
     assert value(samples, "thoxd_generations_total", model=MODEL, finish_reason="cancelled") == 1
     # A request cancelled before its first token has no time to first token.

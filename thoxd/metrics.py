@@ -75,6 +75,18 @@ class Metrics:
         self.generated_tokens = Counter(
             "thoxd_generated_tokens", "Tokens generated.", ["model"], registry=r
         )
+        self.draft_tokens = Counter(
+            "thoxd_draft_tokens",
+            "Tokens drafted by prompt lookup and checked (speculative decoding).",
+            ["model"],
+            registry=r,
+        )
+        self.draft_accepted_tokens = Counter(
+            "thoxd_draft_accepted_tokens",
+            "Drafted tokens the model's own sampling picked: tokens gained without a step.",
+            ["model"],
+            registry=r,
+        )
         self.generations = Counter(
             "thoxd_generations",
             "Finished generations by finish reason (stop, length, cancelled).",
@@ -109,6 +121,8 @@ class Metrics:
         self.prompt_tokens.labels(model).inc(finished.prompt_tokens)
         self.cached_tokens.labels(model).inc(t.cache_n)
         self.generated_tokens.labels(model).inc(finished.completion_tokens)
+        self.draft_tokens.labels(model).inc(t.draft_n)
+        self.draft_accepted_tokens.labels(model).inc(t.draft_n_accepted)
         if finished.completion_tokens > 0 or finished.finish_reason != "cancelled":
             self.ttft.labels(model).observe((t.queue_ms + t.prompt_ms) / 1000.0)
         if t.predicted_n > 0:

@@ -12,7 +12,15 @@ import pytest
 
 from tests.engine.helpers import collect, load_model
 from thoxd.catalog import ModelSpec
-from thoxd.engine.drafts import Acceptance, Lookup, StepCosts, row_counts
+from thoxd.engine.drafts import (
+    Acceptance,
+    Lookup,
+    StepCosts,
+    measure_step_costs,
+    propose,
+    row_counts,
+)
+from thoxd.engine.llama import Batch
 from thoxd.engine.request import Finished, Generation
 from thoxd.engine.runtime import LoadedModel
 from thoxd.engine.sampling import SamplingParams
@@ -53,44 +61,89 @@ def test_lookup_has_nothing_without_an_earlier_occurrence() -> None:
     assert Lookup([1, 2, 3]).draft(0) == []
 
 
-def test_acceptance_follows_what_came_true() -> None:
-    acceptance = Acceptance(0.5)
+def test_acceptance_scores_each_guess_list_until_it_misses() -> None:
+    acceptance = Acceptance(prior=0.5, window=2)
+    acceptance.expect([7, 8, 9])
+    acceptance.expect([1, 2, 3])  # a list is open: this one is not scored
+    for token in (7, 8, 5):  # right, right, wrong at depth 3
+        acceptance.score(token)
+    assert (acceptance.first, acceptance.further) == (0.75, 0.375)
+    acceptance.score(6)  # no list open: nothing to score
+    acceptance.expect([4])
+    acceptance.score(4)  # right, and the list has run out
+    assert (acceptance.first, acceptance.further) == (0.875, 0.375)
+    assert acceptance.gains(3) == [0.875, 0.875 * 0.375, 0.875 * 0.375**2]
+
+
+def test_acceptance_tells_a_first_guess_from_the_rest() -> None:
+    # The first guess nearly always right, the second rarely: long drafts are not worth it.
+    acceptance = Acceptance()
     for _ in range(40):
-        acceptance.observe(True)
-    assert acceptance.rate > 0.99
-    for _ in range(40):
-        acceptance.observe(False)
-    assert acceptance.rate < 0.01
+        acceptance.expect([1, 2, 3])
+        acceptance.score(1)
+        acceptance.score(9)
+    assert acceptance.first > 0.99 and acceptance.further < 0.01
+    assert acceptance.gains(3)[1] < 0.01
+
+
+def test_acceptance_trusts_a_copied_text_within_two_guess_lists() -> None:
+    acceptance = Acceptance()
+    for _ in range(2):
+        acceptance.expect(list(range(16)))
+        for token in range(16):
+            acceptance.score(token)
+    assert acceptance.further > 0.95
+    # Enough for a lone stream to draft on the development VM's costs.
+    assert CPU.plan(1, [acceptance.gains(15)])[0] > 0
 
 
 # ---------------------------------------------------------------- the plan
 
 
+def _steady(rate: float, n: int = 15) -> list[float]:
+    return [rate**j for j in range(1, n + 1)]
+
+
 def test_one_sequence_drafts_only_when_nearly_always_right() -> None:
-    assert CPU.plan(1, [(0.5, 15)]) == [0]  # 2 rows cost 2.2x one: not at 50%
-    long = CPU.plan(1, [(0.95, 15)])
+    assert CPU.plan(1, [_steady(0.5)]) == [0]  # 2 rows cost 2.4x one: not at 50%
+    long = CPU.plan(1, [_steady(0.95)])
     assert long[0] >= 7  # past four rows more are cheap: a long draft, to a measured size
     assert 1 + long[0] in CPU.ms
+    # Right at first, rarely after: drafting one would cost more than it brings.
+    assert CPU.plan(1, [[0.9, 0.09, 0.009]]) == [0]
 
 
 def test_four_sequences_draft_at_moderate_acceptance() -> None:
     # At four rows a step already costs 34 ms; four more rows cost 7 ms.
-    assert CPU.plan(4, [(0.56, 15)] * 4) == [1, 1, 1, 1]
-    assert CPU.plan(4, [(0.1, 15)] * 4) == [0, 0, 0, 0]
+    assert CPU.plan(4, [_steady(0.56)] * 4) == [1, 1, 1, 1]
+    assert CPU.plan(4, [_steady(0.1)] * 4) == [0, 0, 0, 0]
 
 
 def test_drafts_go_to_the_sequences_most_often_right() -> None:
-    counts = CPU.plan(4, [(0.9, 15), (0.1, 15), (0.1, 15), (0.1, 15)])
+    counts = CPU.plan(4, [_steady(0.9), _steady(0.1), _steady(0.1), _steady(0.1)])
     assert counts[0] >= 4 and counts[1:] == [0, 0, 0]
     # A sequence without guesses gets no rows, however good its record.
-    assert CPU.plan(4, [(0.99, 0), (0.6, 3), (0.6, 3), (0.6, 3)])[0] == 0
+    assert CPU.plan(4, [[], _steady(0.6, 3), _steady(0.6, 3), _steady(0.6, 3)])[0] == 0
 
 
 def test_flat_costs_draft_everything_and_unmeasured_sizes_nothing() -> None:
     flat = StepCosts(dict.fromkeys(range(1, 17), 10.0))  # a GPU-like step: rows are free
-    assert flat.plan(2, [(0.3, 15), (0.3, 5)]) == [9, 5]  # up to 16 rows in all
-    assert CPU.plan(5, [(0.9, 15)] * 5) == [0] * 5  # 5 rows were never measured
-    assert StepCosts({}).plan(1, [(0.99, 15)]) == [0]
+    assert flat.plan(2, [_steady(0.3), _steady(0.3, 5)]) == [9, 5]  # up to 16 rows in all
+    assert CPU.plan(5, [_steady(0.9)] * 5) == [0] * 5  # 5 rows were never measured
+    assert StepCosts({}).plan(1, [_steady(0.99)]) == [0]
+
+
+def test_propose_hands_every_guess_list_to_its_record() -> None:
+    lookups = [Lookup([1, 2, 3, 4, 5, 1, 2]), Lookup([5, 6])]
+    records = [Acceptance(prior=0.99), Acceptance(prior=0.99)]
+    sequences = list(zip(lookups, records, [3, 3], strict=True))
+    # Without costs (a step with prefill): guesses, none checked.
+    assert propose(None, sequences) == [([3, 4, 5, 1], 0), ([], 0)]
+    records[0].score(3)
+    assert records[0].first > 0.99  # the guess was scored
+    flat = StepCosts(dict.fromkeys(range(1, 17), 10.0))
+    # One guess more than the room, for the token the step samples anyway; three checked.
+    assert propose(flat, sequences) == [([3, 4, 5, 1], 3), ([], 0)]
 
 
 def test_row_counts_measured() -> None:
@@ -133,6 +186,15 @@ def test_the_step_costs_were_measured_at_load(model: LoadedModel) -> None:
     costs = model.scheduler._costs.ms  # what the plan reads
     assert sorted(costs) == row_counts(4, 16)
     assert all(ms > 0 for ms in costs.values())
+
+
+def test_step_costs_stop_at_their_time_budget(model: LoadedModel) -> None:
+    batch = Batch(16)
+    try:  # spent before the first step: nothing measured, so nothing will be planned
+        spent = measure_step_costs(model.scheduler._ctx, batch, [1, 2, 4], 0, 2, budget_s=0.0)
+    finally:
+        batch.close()
+    assert spent.ms == {} and spent.plan(1, [[0.99] * 15]) == [0]
 
 
 def test_drafts_are_checked_and_change_nothing_on_text_the_model_copies(

@@ -11,9 +11,9 @@ per step would give (for greedy, up to the float rounding of the multi-row kerne
 
 Whether drafting pays depends on the machine and on how often drafts are right, so each step is
 planned: `StepCosts` holds what a step with n output rows was measured to cost, `Acceptance`
-how often a sequence's lookup has guessed its next token (observed every step, drafted or not),
-and `StepCosts.plan` picks the number of drafts that gives the most expected tokens per
-millisecond, which is often none.
+how far a sequence's guesses have come true (scored every step, drafted or not), and
+`StepCosts.plan` picks the drafts that give the most expected tokens per millisecond, which is
+often none.
 """
 
 from __future__ import annotations
@@ -61,15 +61,46 @@ class Lookup:
 
 
 class Acceptance:
-    """How often a lookup's next token turned out to be the one sampled: a moving average over
-    the last ~`window` guesses, starting from `prior`."""
+    """How far a sequence's guesses come true, as two rates (moving averages over about the
+    last `window` observations, from `prior`): how often the first guessed token was the one
+    sampled, and how often a further one was, given the ones before it were.
 
-    def __init__(self, prior: float, window: int = 8) -> None:
-        self.rate = prior
+    Guesses are scored whether or not they were checked as drafts: a guess list stays open
+    while the tokens sampled after it match it, one token at a time, and the next list opens
+    when it misses or runs out. So a sequence's record is known before drafting pays. The two
+    rates tell a first guess from the rest: counting guesses a number's next digit far more
+    often than the digits after it, and one rate for all made a lone counting stream draft long
+    runs that were mostly rejected (bench/RESULTS.md, run A). Further guesses share one rate so
+    that a text being copied earns long drafts within a guess list or two."""
+
+    def __init__(self, prior: float = 0.5, window: int = 8) -> None:
+        self.first = self.further = prior
         self._weight = 1.0 / window
+        self._open: list[int] = []
+        self._at = 0
 
-    def observe(self, hit: bool) -> None:
-        self.rate += self._weight * (float(hit) - self.rate)
+    def expect(self, guesses: list[int]) -> None:
+        """This step's guesses at the sequence's next tokens; scored unless a list is open."""
+        if not self._open:
+            self._open, self._at = guesses, 0
+
+    def score(self, token: int) -> None:
+        """The token the sequence sampled next."""
+        if not self._open:
+            return
+        hit = float(token == self._open[self._at])
+        if self._at == 0:
+            self.first += self._weight * (hit - self.first)
+        else:
+            self.further += self._weight * (hit - self.further)
+        self._at += 1
+        if not hit or self._at == len(self._open):
+            self._open = []
+
+    def gains(self, n: int) -> list[float]:
+        """For j = 1..n: the chance that the j-th draft yields a token (it and all before it
+        are right), so the list never increases."""
+        return [self.first * self.further**j for j in range(n)]
 
 
 class StepCosts:
@@ -79,23 +110,19 @@ class StepCosts:
         self.ms = dict(ms)
         self.max_rows = max(ms, default=0)
 
-    def plan(self, base: int, guesses: Sequence[tuple[float, int]]) -> list[int]:
+    def plan(self, base: int, gains: Sequence[Sequence[float]]) -> list[int]:
         """How many drafts to check for each sequence this step.
 
-        `base` is the step's rows without drafts; `guesses` holds each sequence's acceptance
-        rate and how many drafts it has. A sequence's j-th draft yields a token with probability
-        rate**j (every draft before it must be right too), so the best plan for any total takes
-        the most likely drafts first; the total chosen is the one with the most expected tokens
-        per measured millisecond (sizes not measured are skipped: the kernels' cost is not
-        monotonic in the row count)."""
-        counts = [0] * len(guesses)
+        `base` is the step's rows without drafts; `gains` holds, for each sequence, the chance
+        that its j-th draft yields a token (never increasing in j). So the best plan for any
+        total takes the likeliest drafts first; the total chosen is the one with the most
+        expected tokens per measured millisecond (sizes not measured are skipped: the kernels'
+        cost is not monotonic in the row count)."""
+        counts = [0] * len(gains)
         base_ms = self.ms.get(base)
         if base_ms is None:
             return counts
-        ranked = sorted(
-            ((rate**j, i) for i, (rate, n) in enumerate(guesses) for j in range(1, n + 1)),
-            reverse=True,
-        )
+        ranked = sorted(((g, i) for i, seq in enumerate(gains) for g in seq), reverse=True)
         best, best_rate, expected = 0, base / base_ms, float(base)
         for k, (gain, _) in enumerate(ranked[: max(self.max_rows - base, 0)], start=1):
             expected += gain
@@ -108,17 +135,19 @@ class StepCosts:
 
 
 def propose(
-    costs: StepCosts | None, sequences: Sequence[tuple[Lookup, float, int]]
+    costs: StepCosts | None, sequences: Sequence[tuple[Lookup, Acceptance, int]]
 ) -> list[tuple[list[int], int]]:
-    """For each sequence (its lookup, acceptance rate, and the most drafts it may take): the
+    """For each sequence (its lookup, its record, and the most drafts it may take): the
     lookup's guesses at its next tokens, and how many of them this step checks as drafts (none
-    without `costs`). Guesses are made even when none is checked: scoring them is how a
-    sequence's acceptance is known before drafting pays."""
-    guesses = [lookup.draft(max(n, 0) + 1) for lookup, _, n in sequences]
+    without `costs`). Guesses are made, and handed to the record, even when none is checked."""
+    guesses = []
+    for lookup, acceptance, n in sequences:
+        guesses.append(lookup.draft(max(n, 0) + 1))
+        acceptance.expect(guesses[-1])
     if costs is None:
         return [(g, 0) for g in guesses]
-    wanted = [(rate, min(n, len(g))) for (_, rate, n), g in zip(sequences, guesses, strict=True)]
-    return list(zip(guesses, costs.plan(len(sequences), wanted), strict=True))
+    gains = [a.gains(min(n, len(g))) for (_, a, n), g in zip(sequences, guesses, strict=True)]
+    return list(zip(guesses, costs.plan(len(sequences), gains), strict=True))
 
 
 def row_counts(slots: int, max_rows: int) -> list[int]:
@@ -131,12 +160,22 @@ def row_counts(slots: int, max_rows: int) -> list[int]:
 
 
 def measure_step_costs(
-    ctx: LlamaContext, batch: Batch, sizes: Sequence[int], seq_id: int, token: int
+    ctx: LlamaContext,
+    batch: Batch,
+    sizes: Sequence[int],
+    seq_id: int,
+    token: int,
+    budget_s: float = 1.0,
 ) -> StepCosts:
-    """Time one decode step for each row count (best of two, after one warm-up step) on
-    `seq_id`, which must be empty, and leave it empty. About 0.5 s for Gemma 3 270M here."""
+    """Time one decode step for each row count, smallest first (best of two, after a warm-up
+    step), on `seq_id`, which must be empty, and leave it empty. Counts still unmeasured when
+    `budget_s` is spent stay so, and are never planned: a large model on a small CPU does not
+    hold its first request back for long (Gemma 3 270M measures them all in ~0.5 s here)."""
     ms: dict[int, float] = {}
-    for n in [max(sizes), *sizes, *sizes]:
+    deadline = time.perf_counter() + budget_s
+    for n in [sizes[0], *sizes, *sizes]:
+        if time.perf_counter() > deadline:
+            break
         batch.clear()
         for pos in range(n):
             batch.add(token, pos, seq_id, logits=True)

@@ -218,9 +218,9 @@ class Scheduler:
             fused=not alone,
             admitted_at=now,
             lookup=Lookup(gen.prompt if self._draft_max else ()),
-            # A fixed start, not what earlier requests saw: a lone greedy request drafts, and so
-            # reads its logits from the same kernels, however often it is repeated.
-            acceptance=Acceptance(0.5),
+            # A fresh record: what a lone request drafts (and so which kernels its logits come
+            # from) never depends on the requests before it.
+            acceptance=Acceptance(),
         )
 
     def _run_job(self, fn: Callable[[], Any], future: Future[Any]) -> None:
@@ -240,8 +240,8 @@ class Scheduler:
         park_idle(self._slots, self._ctx, self._park_cap)
         batch = self._batch
         batch.clear()
-        # Each output: its slot, its rows in the batch, and the lookup's guesses for the tokens
-        # those rows sample (the rows after the first decode the guesses, i.e. drafts).
+        # Each output: its slot, its rows in the batch, and the drafts its rows after the first
+        # decode (guesses at the tokens the rows before them sample).
         outputs: list[tuple[Slot, list[int], list[int]]] = []
         running = [s for s in self._slots if s.run is not None]
         decoding = [s for s in running if s.run is not None and not s.run.pending]
@@ -252,7 +252,7 @@ class Scheduler:
             start = len(slot.cached)
             tokens = [run.last_token, *guesses[:n]]
             rows = [batch.add(t, start + k, slot.seq_id, logits=True) for k, t in enumerate(tokens)]
-            outputs.append((slot, rows, guesses[: n + 1]))
+            outputs.append((slot, rows, guesses[:n]))
             slot.cached.extend(tokens)
         # Prefill in admission order, in chunks that fit what the batch has left, so a long
         # prompt shares steps with the streams already running instead of stalling them. One
@@ -281,8 +281,8 @@ class Scheduler:
         if rc != 0:
             self._fail_batch(running, rc)
             return
-        for slot, rows, guesses in outputs:
-            self._advance(slot, rows, guesses)
+        for slot, rows, drafts in outputs:
+            self._advance(slot, rows, drafts)
 
     def _guesses(self, decoding: list[Slot], prefill: bool) -> list[tuple[list[int], int]]:
         """Each decoding sequence's guesses at its next tokens and how many to check as drafts
@@ -296,10 +296,10 @@ class Scheduler:
             # The step's own token comes first; drafts must fit max_tokens and the context.
             room = min(self._draft_max, run.gen.max_tokens - run.generated - 1)
             room = min(room, self._n_ctx_seq - len(slot.cached) - 1)
-            sequences.append((run.lookup, run.acceptance.rate, room))
+            sequences.append((run.lookup, run.acceptance, room))
         return propose(None if prefill else self._costs, sequences)
 
-    def _advance(self, slot: Slot, rows: list[int], guesses: list[int]) -> None:
+    def _advance(self, slot: Slot, rows: list[int], drafts: list[int]) -> None:
         """Sample a sequence's rows in order, each with the request's own sampler, while the
         drafts equal what was sampled; then take the rejected drafts back out of the cache."""
         run = slot.run
@@ -308,10 +308,9 @@ class Scheduler:
         texts: list[str] = []
         for i, index in enumerate(rows):
             token = run.sampler.sample(self._ctx, index)
-            if i < len(guesses):
-                run.acceptance.observe(token == guesses[i])
+            run.acceptance.score(token)
             reason = self._take(run, token, start + i + 1, texts)
-            if reason is not None or i + 1 == len(rows) or token != guesses[i]:
+            if reason is not None or i + 1 == len(rows) or token != drafts[i]:
                 break
         used = i + 1
         run.draft_n += len(rows) - 1
