@@ -61,38 +61,40 @@ class Lookup:
 
 
 class Acceptance:
-    """How far a sequence's guesses come true, as two rates (moving averages over about the
-    last `window` observations, from `prior`): how often the first guessed token was the one
-    sampled, and how often a further one was, given the ones before it were.
+    """How far a sequence's guesses come true: for each depth j, how often the j-th guessed
+    token was the one sampled, given the ones before it were.
 
-    Guesses are scored whether or not they were checked as drafts: a guess list stays open
-    while the tokens sampled after it match it, one token at a time, and the next list opens
-    when it misses or runs out. So a sequence's record is known before drafting pays. The two
-    rates tell a first guess from the rest: counting guesses a number's next digit far more
-    often than the digits after it, and one rate for all made a lone counting stream draft long
-    runs that were mostly rejected (bench/RESULTS.md, run A). Further guesses share one rate so
-    that a text being copied earns long drafts within a guess list or two."""
+    Each depth's rate starts at `prior` and is the running mean of what was observed (the prior
+    counting as one observation) until `window` observations, then a moving average over about
+    the last `window`: a text being copied earns long drafts within two or three guess lists,
+    and a change of pattern later still shows. Guesses are scored whether or not they were
+    checked as drafts: a guess list stays open while the tokens sampled after it match it, one
+    at a time, and the next list opens when it misses or runs out. So a sequence's record is
+    known before drafting pays, and depths are told apart: counting guesses a number's first
+    digits far more often than its last, and one rate for all made a lone counting stream draft
+    long runs that were mostly rejected (bench/RESULTS.md, runs A and E)."""
 
-    def __init__(self, prior: float = 0.5, window: int = 8) -> None:
-        self.first = self.further = prior
-        self._weight = 1.0 / window
+    def __init__(self, depth: int, prior: float = 0.5, window: int = 8) -> None:
+        self.rates = [prior] * depth
+        self._seen = [0] * depth
+        self._window = window
         self._open: list[int] = []
         self._at = 0
 
     def expect(self, guesses: list[int]) -> None:
         """This step's guesses at the sequence's next tokens; scored unless a list is open."""
         if not self._open:
-            self._open, self._at = guesses, 0
+            self._open, self._at = guesses[: len(self.rates)], 0
 
     def score(self, token: int) -> None:
         """The token the sequence sampled next."""
         if not self._open:
             return
-        hit = float(token == self._open[self._at])
-        if self._at == 0:
-            self.first += self._weight * (hit - self.first)
-        else:
-            self.further += self._weight * (hit - self.further)
+        at = self._at
+        hit = token == self._open[at]
+        self._seen[at] += 1
+        weight = 1.0 / min(self._seen[at] + 1, self._window)
+        self.rates[at] += weight * (float(hit) - self.rates[at])
         self._at += 1
         if not hit or self._at == len(self._open):
             self._open = []
@@ -100,7 +102,11 @@ class Acceptance:
     def gains(self, n: int) -> list[float]:
         """For j = 1..n: the chance that the j-th draft yields a token (it and all before it
         are right), so the list never increases."""
-        return [self.first * self.further**j for j in range(n)]
+        out, chance = [], 1.0
+        for rate in self.rates[:n]:
+            chance *= rate
+            out.append(chance)
+        return out
 
 
 class StepCosts:

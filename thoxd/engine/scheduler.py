@@ -220,7 +220,7 @@ class Scheduler:
             lookup=Lookup(gen.prompt if self._draft_max else ()),
             # A fresh record: what a lone request drafts (and so which kernels its logits come
             # from) never depends on the requests before it.
-            acceptance=Acceptance(),
+            acceptance=Acceptance(self._draft_max + 1),
         )
 
     def _run_job(self, fn: Callable[[], Any], future: Future[Any]) -> None:
