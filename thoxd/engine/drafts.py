@@ -64,20 +64,19 @@ class Acceptance:
     """How far a sequence's guesses come true: for each depth j, how often the j-th guessed
     token was the one sampled, given the ones before it were.
 
-    Each depth's rate starts at `prior` and is the running mean of what was observed (the prior
-    counting as one observation) until `window` observations, then a moving average over about
-    the last `window`: a text being copied earns long drafts within two or three guess lists,
-    and a change of pattern later still shows. Guesses are scored whether or not they were
+    Each depth's rate is a moving average over about the last `window` observations, from
+    `prior`: trust comes slowly (a running mean from the prior, which trusts a text being copied
+    within three guess lists, let a lone counting stream draft at a loss: bench/RESULTS.md, run
+    F), and a change of pattern still shows. Guesses are scored whether or not they were
     checked as drafts: a guess list stays open while the tokens sampled after it match it, one
     at a time, and the next list opens when it misses or runs out. So a sequence's record is
     known before drafting pays, and depths are told apart: counting guesses a number's first
     digits far more often than its last, and one rate for all made a lone counting stream draft
-    long runs that were mostly rejected (bench/RESULTS.md, runs A and E)."""
+    long runs that were mostly rejected (runs A and E)."""
 
     def __init__(self, depth: int, prior: float = 0.5, window: int = 8) -> None:
         self.rates = [prior] * depth
-        self._seen = [0] * depth
-        self._window = window
+        self._weight = 1.0 / window
         self._open: list[int] = []
         self._at = 0
 
@@ -92,9 +91,7 @@ class Acceptance:
             return
         at = self._at
         hit = token == self._open[at]
-        self._seen[at] += 1
-        weight = 1.0 / min(self._seen[at] + 1, self._window)
-        self.rates[at] += weight * (float(hit) - self.rates[at])
+        self.rates[at] += self._weight * (float(hit) - self.rates[at])
         self._at += 1
         if not hit or self._at == len(self._open):
             self._open = []
