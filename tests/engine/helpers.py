@@ -8,6 +8,9 @@ from thoxd.catalog import ModelSpec
 from thoxd.engine.llama import route_llama_logs
 from thoxd.engine.model import EngineConfig, LoadedModel
 from thoxd.engine.request import Delta, Failed, Finished, Generation
+from thoxd.engine.sampling import SamplingParams
+
+GREEDY = SamplingParams(temperature=0.0)
 
 
 def load_model(
@@ -44,3 +47,22 @@ async def collect(gen: Generation) -> tuple[str, Finished]:
         else:
             return "".join(parts), event
     raise AssertionError("no Finished event")
+
+
+async def run_prompt(
+    model: LoadedModel,
+    prompt: str,
+    *,
+    params: SamplingParams = GREEDY,
+    max_tokens: int = 16,
+    stops: tuple[str, ...] = (),
+) -> tuple[str, Finished]:
+    """One request for `prompt` (tokenized with BOS) on its own: its text and Finished event."""
+    gen = Generation(
+        prompt=model.llama.tokenize(prompt, add_special=True),
+        params=params,
+        max_tokens=max_tokens,
+        stops=stops,
+    )
+    model.submit(gen)
+    return await collect(gen)

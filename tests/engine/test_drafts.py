@@ -10,7 +10,7 @@ from pathlib import Path
 import llama_cpp
 import pytest
 
-from tests.engine.helpers import collect, load_model
+from tests.engine.helpers import collect, load_model, run_prompt
 from thoxd.catalog import ModelSpec
 from thoxd.engine.drafts import (
     Acceptance,
@@ -178,25 +178,14 @@ def eager(default_spec: ModelSpec, model_file: Path, models_dir: Path) -> Iterat
     rows cost next to nothing. (Whether drafts pay on a given CPU is the plan's business,
     tested above; these tests check what drafting does.)"""
     m = load_model(default_spec, model_file, models_dir)
-    asyncio.run(_run(m, "Hello", max_tokens=1))  # the costs are measured first: replace them
+    asyncio.run(run_prompt(m, "Hello", max_tokens=1))  # the costs are measured first: replace them
     m.scheduler._costs = StepCosts(dict.fromkeys(range(1, 17), 10.0))
     yield m
     m.close()
 
 
-async def _run(model: LoadedModel, prompt: str, **kw: object) -> tuple[str, Finished]:
-    gen = Generation(
-        prompt=model.llama.tokenize(prompt, add_special=True),
-        params=kw.pop("params", GREEDY),  # type: ignore[arg-type]
-        max_tokens=kw.pop("max_tokens", 32),  # type: ignore[arg-type]
-        stops=kw.pop("stops", ()),  # type: ignore[arg-type]
-    )
-    model.submit(gen)
-    return await collect(gen)
-
-
 def test_the_step_costs_were_measured_at_load(model: LoadedModel) -> None:
-    asyncio.run(_run(model, "Hello", max_tokens=1))  # served once they are measured
+    asyncio.run(run_prompt(model, "Hello", max_tokens=1))  # served once they are measured
     costs = model.scheduler._costs.ms  # what the plan reads
     assert sorted(costs) == row_counts(4, 16)
     assert all(ms > 0 for ms in costs.values())
@@ -214,11 +203,11 @@ def test_step_costs_stop_at_their_time_budget(model: LoadedModel) -> None:
 def test_drafts_are_checked_and_change_nothing_on_text_the_model_copies(
     eager: LoadedModel, plain: LoadedModel
 ) -> None:
-    text, fin = asyncio.run(_run(eager, REPEATING, max_tokens=32))
+    text, fin = asyncio.run(run_prompt(eager, REPEATING, max_tokens=32))
     assert fin.timings.draft_n_accepted > 0  # tokens came from drafts
     assert fin.timings.draft_n >= fin.timings.draft_n_accepted
     assert "draft_n" in fin.timings.as_dict()
-    without, fin0 = asyncio.run(_run(plain, REPEATING, max_tokens=32))
+    without, fin0 = asyncio.run(run_prompt(plain, REPEATING, max_tokens=32))
     assert fin0.timings.draft_n == 0 and "draft_n" not in fin0.timings.as_dict()
     assert text == without
     assert fin.completion_tokens == fin0.completion_tokens == 32
@@ -226,22 +215,24 @@ def test_drafts_are_checked_and_change_nothing_on_text_the_model_copies(
 
 @pytest.mark.parametrize("max_tokens", [1, 2, 7, 13])
 def test_max_tokens_is_exact_when_drafts_run_ahead(eager: LoadedModel, max_tokens: int) -> None:
-    _, fin = asyncio.run(_run(eager, REPEATING, max_tokens=max_tokens))
+    _, fin = asyncio.run(run_prompt(eager, REPEATING, max_tokens=max_tokens))
     assert fin.finish_reason == "length"
     assert fin.completion_tokens == fin.timings.predicted_n == max_tokens
 
 
 def test_a_stop_string_inside_accepted_drafts_ends_the_text_there(eager: LoadedModel) -> None:
-    full, _ = asyncio.run(_run(eager, REPEATING, max_tokens=32))
+    full, _ = asyncio.run(run_prompt(eager, REPEATING, max_tokens=32))
     assert " lazy" in full
-    text, fin = asyncio.run(_run(eager, REPEATING, max_tokens=32, stops=(" lazy",)))
+    text, fin = asyncio.run(run_prompt(eager, REPEATING, max_tokens=32, stops=(" lazy",)))
     assert fin.finish_reason == "stop"
     assert text == full[: full.index(" lazy")]
 
 
 def test_a_seeded_sample_repeats_with_drafts(eager: LoadedModel) -> None:
     params = SamplingParams(temperature=0.7, seed=1234)
-    runs = [asyncio.run(_run(eager, REPEATING, max_tokens=40, params=params)) for _ in range(2)]
+    runs = [
+        asyncio.run(run_prompt(eager, REPEATING, max_tokens=40, params=params)) for _ in range(2)
+    ]
     assert runs[0][0] == runs[1][0]
     assert runs[0][1].timings.draft_n > 0
 

@@ -9,7 +9,7 @@ from pathlib import Path
 
 import pytest
 
-from tests.engine.helpers import collect, load_model
+from tests.engine.helpers import collect, load_model, run_prompt
 from thoxd.catalog import ModelSpec
 from thoxd.engine.llama import route_llama_logs
 from thoxd.engine.request import Delta, Finished, Generation
@@ -27,19 +27,8 @@ def model(default_spec: ModelSpec, model_file: Path, models_dir: Path) -> Iterat
     m.close()
 
 
-async def _run(model: LoadedModel, prompt: str, **kw: object) -> tuple[str, Finished]:
-    gen = Generation(
-        prompt=model.llama.tokenize(prompt, add_special=True),
-        params=kw.pop("params", GREEDY),  # type: ignore[arg-type]
-        max_tokens=kw.pop("max_tokens", 16),  # type: ignore[arg-type]
-        stops=kw.pop("stops", ()),  # type: ignore[arg-type]
-    )
-    model.submit(gen)
-    return await collect(gen)
-
-
 def test_generates_until_max_tokens(model: LoadedModel) -> None:
-    text, fin = asyncio.run(_run(model, "The capital of France is", max_tokens=12))
+    text, fin = asyncio.run(run_prompt(model, "The capital of France is", max_tokens=12))
     assert text.strip()
     assert fin.finish_reason == "length"
     assert fin.completion_tokens == 12
@@ -51,8 +40,8 @@ def test_generates_until_max_tokens(model: LoadedModel) -> None:
 
 def test_greedy_is_repeatable_and_prefix_cache_changes_nothing(model: LoadedModel) -> None:
     prompt = "def fibonacci(n):\n    "
-    first, _ = asyncio.run(_run(model, prompt, max_tokens=20))
-    second, f2 = asyncio.run(_run(model, prompt, max_tokens=20))
+    first, _ = asyncio.run(run_prompt(model, prompt, max_tokens=20))
+    second, f2 = asyncio.run(run_prompt(model, prompt, max_tokens=20))
     assert first == second
     # The second run found the prompt cached in a slot and prefilled only its last token.
     assert f2.timings.cache_n == f2.prompt_tokens - 1
@@ -61,12 +50,12 @@ def test_greedy_is_repeatable_and_prefix_cache_changes_nothing(model: LoadedMode
 
 def test_same_seed_same_text(model: LoadedModel) -> None:
     params = SamplingParams(temperature=1.0, top_k=0, top_p=1.0, min_p=0.0, seed=1234)
-    a, _ = asyncio.run(_run(model, "Once upon a time", params=params, max_tokens=24))
-    b, _ = asyncio.run(_run(model, "Once upon a time", params=params, max_tokens=24))
+    a, _ = asyncio.run(run_prompt(model, "Once upon a time", params=params, max_tokens=24))
+    b, _ = asyncio.run(run_prompt(model, "Once upon a time", params=params, max_tokens=24))
     assert a == b
     others = {
         asyncio.run(
-            _run(model, "Once upon a time", max_tokens=24,
+            run_prompt(model, "Once upon a time", max_tokens=24,
                  params=SamplingParams(temperature=1.0, top_k=0, top_p=1.0, min_p=0.0, seed=s))
         )[0]
         for s in (1, 2, 3)
@@ -75,9 +64,9 @@ def test_same_seed_same_text(model: LoadedModel) -> None:
 
 
 def test_stop_string_ends_generation_without_leaking(model: LoadedModel) -> None:
-    full, _ = asyncio.run(_run(model, "1, 2, 3, 4, 5,", max_tokens=24))
+    full, _ = asyncio.run(run_prompt(model, "1, 2, 3, 4, 5,", max_tokens=24))
     stop = full.strip()[2:6] if len(full.strip()) > 6 else full.strip()[-2:]
-    cut, fin = asyncio.run(_run(model, "1, 2, 3, 4, 5,", max_tokens=24, stops=(stop,)))
+    cut, fin = asyncio.run(run_prompt(model, "1, 2, 3, 4, 5,", max_tokens=24, stops=(stop,)))
     assert fin.finish_reason == "stop"
     assert stop not in cut
     assert full.startswith(cut)
@@ -141,7 +130,7 @@ def test_a_special_token_stop_string_stops_on_the_token(model: LoadedModel) -> N
     assert special == {model.llama.tokenize("<start_of_turn>", add_special=False)[0]}
 
     # The mechanism: a stop token ends the generation before it is emitted or counted.
-    first_piece, _ = asyncio.run(_run(model, "The capital of France is", max_tokens=1))
+    first_piece, _ = asyncio.run(run_prompt(model, "The capital of France is", max_tokens=1))
     (first_token,) = model.llama.tokenize(first_piece, add_special=False)
 
     async def scenario() -> tuple[str, Finished]:
