@@ -40,7 +40,7 @@ from thoxd.engine.drafts import (
 from thoxd.engine.llama import Batch, LlamaContext, LlamaModel
 from thoxd.engine.request import Delta, Failed, Finished, Generation, Timings
 from thoxd.engine.sampling import Sampler
-from thoxd.engine.slots import Running, Slot, park_idle, pick_slot
+from thoxd.engine.slots import Running, Slot, advance, park_idle, pick_slot
 from thoxd.engine.text import TextAssembler
 from thoxd.errors import EngineFailure, QueueFull, ShuttingDown
 
@@ -282,7 +282,9 @@ class Scheduler:
             self._fail_batch(running, rc)
             return
         for slot, rows, drafts in outputs:
-            self._advance(slot, rows, drafts)
+            reason = advance(slot, self._ctx, self._model, rows, drafts, self._n_ctx_seq)
+            if reason is not None:
+                self._finish(slot, reason)
 
     def _guesses(self, decoding: list[Slot], prefill: bool) -> list[tuple[list[int], int]]:
         """Each decoding sequence's guesses at its next tokens and how many to check as drafts
@@ -298,49 +300,6 @@ class Scheduler:
             room = min(room, self._n_ctx_seq - len(slot.cached) - 1)
             sequences.append((run.lookup, run.acceptance, room))
         return propose(None if prefill else self._costs, sequences)
-
-    def _advance(self, slot: Slot, rows: list[int], drafts: list[int]) -> None:
-        """Sample a sequence's rows in order, each with the request's own sampler, while the
-        drafts equal what was sampled; then take the rejected drafts back out of the cache."""
-        run = slot.run
-        assert run is not None
-        start = len(slot.cached) - len(rows)  # the position of the first row's token
-        texts: list[str] = []
-        for i, index in enumerate(rows):
-            token = run.sampler.sample(self._ctx, index)
-            run.acceptance.score(token)
-            reason = self._take(run, token, start + i + 1, texts)
-            if reason is not None or i + 1 == len(rows) or token != drafts[i]:
-                break
-        used = i + 1
-        run.draft_n += len(rows) - 1
-        run.draft_accepted += used - 1
-        if used < len(rows):
-            del slot.cached[start + used :]
-            self._ctx.seq_rm(slot.seq_id, start + used)
-        if texts:
-            run.gen.push(Delta("".join(texts)))
-        if reason is not None:
-            self._finish(slot, reason)
-        else:
-            run.last_token = token
-
-    def _take(self, run: Running, token: int, in_cache: int, texts: list[str]) -> str | None:
-        """Give a request its next token; the finish reason if that ends it."""
-        if not run.first_token_at:
-            run.first_token_at = time.monotonic()
-        if self._model.is_eog(token) or token in run.gen.stop_tokens:
-            return "stop"
-        run.generated += 1
-        text = run.text.feed(self._model.piece(token))
-        if text:
-            texts.append(text)
-        if run.text.stopped:
-            return "stop"
-        if run.generated >= run.gen.max_tokens or in_cache >= self._n_ctx_seq:
-            return "length"
-        run.lookup.append(token)
-        return None
 
     def _finish(self, slot: Slot, reason: str) -> None:
         run = slot.run

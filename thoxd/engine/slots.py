@@ -1,5 +1,6 @@
-"""Sequence slots: the generation each one runs, the tokens it holds in the KV cache, which
-idle slot serves a new prompt best, and parking idle slots' cells in host memory.
+"""Sequence slots: the generation each one runs, the tokens it holds in the KV cache, what a
+step's output rows give it, which idle slot serves a new prompt best, and parking idle slots'
+cells in host memory.
 
 A parked slot's cells are copied out (`llama_state_seq_get_data`) and removed from the unified
 cache, so each step attends only over the running sequences; admitting a request into it copies
@@ -8,11 +9,12 @@ them back. The scheduler decides when; this module keeps the bookkeeping.
 
 from __future__ import annotations
 
+import time
 from dataclasses import dataclass, field
 
 from thoxd.engine.drafts import Acceptance, Lookup
-from thoxd.engine.llama import LlamaContext
-from thoxd.engine.request import Generation
+from thoxd.engine.llama import LlamaContext, LlamaModel
+from thoxd.engine.request import Delta, Generation
 from thoxd.engine.sampling import Sampler
 from thoxd.engine.text import TextAssembler
 
@@ -50,6 +52,61 @@ class Slot:
     last_used: float = 0.0
     # `cached` copied out of the cache while this slot is idle and others run (see park_idle).
     parked: bytes | None = None
+
+
+def advance(
+    slot: Slot,
+    ctx: LlamaContext,
+    model: LlamaModel,
+    rows: list[int],
+    drafts: list[int],
+    n_ctx_seq: int,
+) -> str | None:
+    """After a decode: sample a running slot's output rows in order, each with the request's
+    own sampler, while the drafts (the tokens its rows after the first decoded) equal what was
+    sampled; take the rejected drafts back out of the cache; hand the text to the request.
+    Returns the finish reason if the request is done, else the slot's next token is set."""
+    run = slot.run
+    assert run is not None
+    start = len(slot.cached) - len(rows)  # the position of the first row's token
+    texts: list[str] = []
+    for i, index in enumerate(rows):
+        token = run.sampler.sample(ctx, index)
+        run.acceptance.score(token)
+        reason = _take(run, model, token, start + i + 1 >= n_ctx_seq, texts)
+        if reason is not None or i + 1 == len(rows) or token != drafts[i]:
+            break
+    used = i + 1
+    run.draft_n += len(rows) - 1
+    run.draft_accepted += used - 1
+    if used < len(rows):
+        del slot.cached[start + used :]
+        ctx.seq_rm(slot.seq_id, start + used)
+    if texts:
+        run.gen.push(Delta("".join(texts)))
+    if reason is None:
+        run.last_token = token
+    return reason
+
+
+def _take(
+    run: Running, model: LlamaModel, token: int, context_full: bool, texts: list[str]
+) -> str | None:
+    """Give a request its next token; the finish reason if that ends it."""
+    if not run.first_token_at:
+        run.first_token_at = time.monotonic()
+    if model.is_eog(token) or token in run.gen.stop_tokens:
+        return "stop"
+    run.generated += 1
+    text = run.text.feed(model.piece(token))
+    if text:
+        texts.append(text)
+    if run.text.stopped:
+        return "stop"
+    if run.generated >= run.gen.max_tokens or context_full:
+        return "length"
+    run.lookup.append(token)
+    return None
 
 
 def common_prefix(a: list[int], b: list[int]) -> int:
