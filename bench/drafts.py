@@ -22,7 +22,7 @@ from pathlib import Path
 
 from concurrency import code_prefix, counting_prompt
 
-from thoxd.catalog import Catalog
+from thoxd.catalog.entries import Catalog
 from thoxd.engine.llama import backend_init, route_llama_logs
 from thoxd.engine.model import EngineConfig, LoadedModel
 from thoxd.engine.request import Delta, Finished, Generation

@@ -14,7 +14,7 @@ import asyncio
 from dataclasses import replace
 from pathlib import Path
 
-from thoxd.catalog import Catalog
+from thoxd.catalog.entries import Catalog
 from thoxd.engine.llama import backend_init, route_llama_logs
 from thoxd.engine.model import EngineConfig, LoadedModel
 from thoxd.engine.request import Delta, Generation

@@ -15,8 +15,8 @@ import httpx
 import pytest
 
 import thoxd.settings
-from thoxd.catalog import Catalog, ModelSpec
-from thoxd.modelfiles import ensure_model_file
+from thoxd.catalog.entries import Catalog, ModelSpec
+from thoxd.catalog.files import ensure_model_file
 
 REPO = Path(__file__).resolve().parent.parent
 

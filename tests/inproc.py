@@ -10,7 +10,7 @@ import httpx
 from starlette.applications import Starlette
 
 from thoxd.app import create_app
-from thoxd.catalog import Catalog
+from thoxd.catalog.entries import Catalog
 from thoxd.engine.runtime import Engine, EngineConfig
 from thoxd.settings import Settings
 

@@ -15,8 +15,8 @@ from typing import Any, Literal, get_args, get_origin
 from pydantic import ValidationError
 
 from thoxd import __version__
-from thoxd.catalog import CatalogError
-from thoxd.models_cli import add_models_parser, run_models
+from thoxd.catalog.cli import add_models_parser, run_models
+from thoxd.catalog.entries import CatalogError
 from thoxd.settings import Settings, load_settings, settings_error
 
 COMMANDS = ("serve", "models")

@@ -14,27 +14,22 @@ from starlette.middleware import Middleware
 from starlette.requests import Request
 from starlette.responses import JSONResponse, Response
 
+from thoxd.api.metrics import Metrics, MetricsMiddleware
 from thoxd.api.models import ModelRoutes
 from thoxd.api.openai import OpenAIRoutes
 from thoxd.api.system import SystemRoutes
-from thoxd.catalog import Catalog, CatalogError
-from thoxd.discovery import Discovery
-from thoxd.engine.memory import budget_bytes
-from thoxd.engine.runtime import Engine, EngineConfig
+from thoxd.api.websocket import StreamRoutes
+from thoxd.catalog.entries import Catalog, CatalogError
+from thoxd.device.discovery import Discovery
+from thoxd.device.info import SystemSampler
+from thoxd.engine import Engine, EngineConfig, budget_bytes
 from thoxd.errors import InvalidRequest, NotFound, ThoxdError
-from thoxd.metrics import Metrics, MetricsMiddleware
-from thoxd.middleware import BodyLimitMiddleware
-from thoxd.security import (
-    BodyTimeoutMiddleware,
-    HostNames,
-    LanGuard,
-    cors_middleware,
-    default_names,
-)
+from thoxd.guards.body_limit import BodyLimitMiddleware
+from thoxd.guards.lan import HostNames, LanGuard, default_names
+from thoxd.guards.origins import cors_middleware
+from thoxd.guards.shutdown import Shutdown, ShutdownGate
+from thoxd.guards.timeouts import BodyTimeoutMiddleware
 from thoxd.settings import Settings
-from thoxd.shutdown import Shutdown, ShutdownGate
-from thoxd.stream import StreamRoutes
-from thoxd.system import SystemSampler
 
 logger = logging.getLogger("thoxd")
 
@@ -124,7 +119,7 @@ def create_app(
     app = Starlette(
         routes=routes,
         middleware=[
-            # First, before anything else: who is asking, and by which name (thoxd.security).
+            # First, before anything else: who is asking, and by which name (thoxd/guards/lan.py).
             Middleware(LanGuard, hosts=hosts, allow_public_clients=settings.allow_public_clients),
             Middleware(MetricsMiddleware, metrics=metrics, routes=routes),
             *cors_middleware(settings.allowed_origins),

@@ -3,7 +3,8 @@
     ThoxdError                      500 server_error
     ├── InvalidRequest              400 invalid_request_error   (names `param`)
     │   ├── ContextLengthExceeded   400 context_length_exceeded (n_prompt_tokens, n_ctx)
-    │   └── UnsupportedCapability   400 unsupported_capability  (chat on an embedding model, ...)
+    │   ├── UnsupportedCapability   400 unsupported_capability  (chat on an embedding model, ...)
+    │   └── UnsupportedParameter    400 unsupported_parameter   (a field this model cannot honour)
     ├── NotFound                    404 not_found
     │   └── ModelNotFound           404 model_not_found
     ├── Forbidden                   403 forbidden

@@ -4,7 +4,7 @@ start     uvicorn runs the lifespan (the default model starts loading, mDNS star
           then binds the socket; once mDNS has registered, systemd gets READY=1, and the
           WATCHDOG=1 pings (from the event loop) and STATUS= updates begin
 SIGTERM   STOPPING=1; the listening socket closes; running requests get up to
-          `shutdown_grace_seconds` to finish, new ones get 503 (thoxd.shutdown); then what
+          `shutdown_grace_seconds` to finish, new ones get 503 (thoxd.guards.shutdown); then what
           still streams is ended; uvicorn closes the connections and ends the lifespan (mDNS
           goodbyes, the engine); the process exits 0
 SIGHUP    models.toml is read again (systemctl reload thoxd): new entries serve at once, changed
@@ -24,12 +24,12 @@ from types import FrameType
 import uvicorn
 
 from thoxd.app import create_app, reload_catalog
-from thoxd.discovery import Discovery
-from thoxd.engine.runtime import Engine
-from thoxd.security import header_timeout_protocol
+from thoxd.device.discovery import Discovery
+from thoxd.device.systemd import Systemd
+from thoxd.engine import Engine
+from thoxd.guards.shutdown import Shutdown
+from thoxd.guards.timeouts import header_timeout_protocol
 from thoxd.settings import Settings
-from thoxd.shutdown import Shutdown
-from thoxd.systemd import Systemd
 
 logger = logging.getLogger("thoxd")
 
@@ -148,7 +148,7 @@ def serve(settings: Settings) -> int:
         log_config=None,
         access_log=False,
         lifespan="on",
-        # h11 with a deadline for request headers: uvicorn has none (thoxd.security).
+        # h11 with a deadline for request headers: uvicorn has none (thoxd/guards/timeouts.py).
         http=header_timeout_protocol(settings.header_timeout_seconds),
         # The grace period for running requests is thoxd's (Server.shutdown); this is the
         # time after it for connections to close before their tasks are cancelled.

@@ -21,7 +21,7 @@ from pydantic_settings import (
     TomlConfigSettingsSource,
 )
 
-from thoxd.catalog import Duration
+from thoxd.catalog.entries import Duration
 from thoxd.units import parse_size
 
 SYSTEM_CONFIG = Path("/etc/thoxd/thoxd.toml")
@@ -136,7 +136,7 @@ class Settings(BaseSettings):
         "without credentials) and open the /v1/stream WebSocket; other browser origins are "
         "refused.",
     )
-    # -- safe on a LAN: thoxd/security.py --
+    # -- safe on a LAN: thoxd/guards/lan.py --
     allowed_hosts: Annotated[
         list[Annotated[str, Field(min_length=1, max_length=253, pattern=r"^(\*|[\w.:\[\]-]+)$")]],
         NoDecode,
@@ -170,7 +170,7 @@ class Settings(BaseSettings):
     log_level: Literal["debug", "info", "warning", "error"] = Field(
         "info", description="Log verbosity."
     )
-    # -- discovery (mDNS): thoxd/discovery.py --
+    # -- discovery (mDNS): thoxd/device/discovery.py --
     hostname: str = Field(
         "thox",
         min_length=1,

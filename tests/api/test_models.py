@@ -18,7 +18,7 @@ import httpx
 import pytest
 
 from tests.conftest import GEMMA, Daemon
-from thoxd.catalog import Catalog
+from thoxd.catalog.entries import Catalog
 from thoxd.engine.runtime import Engine, EngineConfig
 
 SLOTS = 2

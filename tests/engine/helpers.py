@@ -4,7 +4,7 @@ from __future__ import annotations
 
 from pathlib import Path
 
-from thoxd.catalog import ModelSpec
+from thoxd.catalog.entries import ModelSpec
 from thoxd.engine.llama import route_llama_logs
 from thoxd.engine.model import EngineConfig, LoadedModel
 from thoxd.engine.request import Delta, Failed, Finished, Generation

@@ -12,7 +12,7 @@ from pathlib import Path
 import pytest
 
 from tests.engine.helpers import collect, load_model
-from thoxd.catalog import ModelSpec
+from thoxd.catalog.entries import ModelSpec
 from thoxd.engine.request import Delta, Finished, Generation
 from thoxd.engine.runtime import LoadedModel
 from thoxd.engine.sampling import SamplingParams

@@ -11,7 +11,7 @@ import llama_cpp
 import pytest
 
 from tests.engine.helpers import collect, load_model, run_prompt
-from thoxd.catalog import ModelSpec
+from thoxd.catalog.entries import ModelSpec
 from thoxd.engine.drafts import (
     Acceptance,
     Lookup,

@@ -12,8 +12,8 @@ from typing import Any
 
 import pytest
 
+from thoxd.catalog.gguf import GGUFInfo, check_gguf
 from thoxd.engine.memory import MemoryEstimate, Shape, budget_bytes, estimate_memory
-from thoxd.gguf import GGUFInfo, check_gguf
 from thoxd.units import format_bytes
 
 MIB = 1024**2

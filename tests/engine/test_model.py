@@ -12,7 +12,7 @@ import pytest
 
 import thoxd.engine.model
 from tests.engine.helpers import collect, load_model
-from thoxd.catalog import ModelSpec
+from thoxd.catalog.entries import ModelSpec
 from thoxd.engine.model import LoadedModel
 from thoxd.engine.request import Generation
 from thoxd.engine.sampling import SamplingParams

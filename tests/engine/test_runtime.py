@@ -15,10 +15,10 @@ from typing import Any, TypeVar
 
 import pytest
 
+from tests.catalog.test_gguf import BASE_DATA, BASE_TENSORS, STR, base_kvs, build, kv
 from tests.conftest import GEMMA
 from tests.engine.helpers import collect
-from tests.test_gguf import BASE_DATA, BASE_TENSORS, STR, base_kvs, build, kv
-from thoxd.catalog import Catalog, ModelSpec
+from thoxd.catalog.entries import Catalog, ModelSpec
 from thoxd.engine.request import Generation
 from thoxd.engine.runtime import Engine, EngineConfig, LoadedModel
 from thoxd.engine.sampling import SamplingParams

@@ -10,7 +10,7 @@ from pathlib import Path
 import pytest
 
 from tests.engine.helpers import collect, load_model, run_prompt
-from thoxd.catalog import ModelSpec
+from thoxd.catalog.entries import ModelSpec
 from thoxd.engine.llama import route_llama_logs
 from thoxd.engine.request import Delta, Finished, Generation
 from thoxd.engine.runtime import LoadedModel

@@ -20,10 +20,10 @@ from starlette.requests import Request
 from starlette.responses import JSONResponse, Response
 from starlette.routing import Route
 
-from thoxd.catalog import ModelSpec
-from thoxd.engine.runtime import Engine
+from thoxd.api.schemas import ModelAction, parse
+from thoxd.catalog.entries import ModelSpec
+from thoxd.engine import Engine
 from thoxd.errors import InvalidRequest, ModelNotFound
-from thoxd.schemas import ModelAction, parse
 from thoxd.units import format_duration
 
 

@@ -1,6 +1,6 @@
 """The OpenAI REST surface: chat and text completions (plain and SSE), embeddings, models.
 
-Handlers stay thin: parse the body, start the work through `thoxd.generation`, shape the answer.
+Handlers stay thin: parse the body, start the work through `thoxd.api.start`, shape the answer.
 A client that goes away cancels its generations, streaming or not, within one decode step.
 """
 
@@ -18,18 +18,17 @@ from starlette.responses import JSONResponse, Response, StreamingResponse
 from starlette.routing import Route
 from starlette.types import Receive
 
-from thoxd.api.shapes import Envelope
-from thoxd.engine.request import Delta, Failed, Finished
-from thoxd.engine.runtime import Engine
-from thoxd.generation import Started, split_prompts, start_chat, start_completion
-from thoxd.schemas import (
+from thoxd.api.schemas import (
     ChatRequest,
     CompletionRequest,
     EmbeddingRequest,
     GenerationBody,
     parse,
 )
-from thoxd.shutdown import Shutdown, shutting_down
+from thoxd.api.shapes import Envelope
+from thoxd.api.start import Started, split_prompts, start_chat, start_completion
+from thoxd.engine import Delta, Engine, Failed, Finished
+from thoxd.guards.shutdown import Shutdown, shutting_down
 
 SSE_HEADERS = {"Cache-Control": "no-cache", "X-Accel-Buffering": "no"}
 

@@ -8,7 +8,7 @@ import time
 from typing import Any
 
 from thoxd import __version__
-from thoxd.engine.request import Finished
+from thoxd.engine import Finished
 
 FINGERPRINT = f"thoxd-{__version__}"
 _MARK = "\x00thoxd\x00"  # stands for the text while a chunk template is encoded

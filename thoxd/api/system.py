@@ -14,9 +14,9 @@ from starlette.requests import Request
 from starlette.responses import JSONResponse, Response
 from starlette.routing import Route
 
-from thoxd.engine.runtime import Engine
-from thoxd.metrics import CONTENT_TYPE, Metrics
-from thoxd.system import Identity, SystemSampler, info_document
+from thoxd.api.metrics import CONTENT_TYPE, Metrics
+from thoxd.device.info import Identity, SystemSampler, info_document
+from thoxd.engine import Engine
 
 
 class SystemRoutes:

@@ -16,7 +16,7 @@ from __future__ import annotations
 from dataclasses import dataclass
 from typing import Any
 
-from thoxd.gguf import GGUFInfo
+from thoxd.catalog.gguf import GGUFInfo
 from thoxd.units import format_bytes, parse_size
 
 _F16 = 2

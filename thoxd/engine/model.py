@@ -16,7 +16,7 @@ from typing import Any
 
 import numpy as np
 
-from thoxd.catalog import ModelSpec
+from thoxd.catalog.entries import ModelSpec
 from thoxd.engine.llama import Batch, ContextConfig, LlamaContext, LlamaLoadError, LlamaModel
 from thoxd.engine.memory import MemoryEstimate
 from thoxd.engine.request import Finished, Generation

@@ -9,7 +9,6 @@ from __future__ import annotations
 
 import asyncio
 import contextlib
-import itertools
 import time
 from collections.abc import AsyncIterator, Callable
 from dataclasses import dataclass, field
@@ -71,8 +70,6 @@ class Failed:
 
 Event = Delta | Finished | Failed
 
-_ids = itertools.count(1)
-
 
 @dataclass(eq=False)
 class Generation:
@@ -85,7 +82,6 @@ class Generation:
     # Stop strings that are one special token (e.g. "<start_of_turn>"): control tokens render
     # as no text, so they are matched by id.
     stop_tokens: frozenset[int] = frozenset()
-    number: int = field(default_factory=lambda: next(_ids))
     cancelled: bool = False
     submitted_at: float = field(default_factory=time.monotonic)
     _loop: asyncio.AbstractEventLoop = field(default_factory=asyncio.get_running_loop)

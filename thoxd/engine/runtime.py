@@ -26,7 +26,9 @@ from collections.abc import AsyncIterator, Callable
 from dataclasses import dataclass
 from pathlib import Path
 
-from thoxd.catalog import Catalog, ModelSpec
+from thoxd.catalog.entries import Catalog, ModelSpec
+from thoxd.catalog.files import ModelFileError, ensure_model_file, model_path
+from thoxd.catalog.gguf import GGUFRejected, check_gguf
 from thoxd.engine.llama import LlamaLoadError, backend_init, probe_model, route_llama_logs
 from thoxd.engine.memory import MemoryEstimate, estimate_memory
 from thoxd.engine.model import EMBED_BATCH, EngineConfig, LoadedModel
@@ -38,8 +40,6 @@ from thoxd.errors import (
     ModelBusy,
     ModelFileRejected,
 )
-from thoxd.gguf import GGUFRejected, check_gguf
-from thoxd.modelfiles import ModelFileError, ensure_model_file, model_path
 from thoxd.units import format_bytes
 
 __all__ = ["Engine", "EngineConfig", "LoadedModel"]
@@ -72,7 +72,8 @@ class Engine:
         self._reaper: asyncio.Task[None] | None = None
         self._idle = asyncio.Event()
         # Called on a model's engine thread with (model id, Finished) for every finished
-        # generation: the one place tokens and latencies are counted (thoxd.metrics). Quick only.
+        # generation: the one place tokens and latencies are counted (thoxd/api/metrics.py).
+        # Quick only.
         self.on_finished: Callable[[str, Finished], None] | None = None
 
     # -- what is where (never touches a model's idle clock) ---------------------------------

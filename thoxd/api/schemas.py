@@ -1,0 +1,223 @@
+"""Request bodies, validated once for every surface (REST and WebSocket).
+
+Unknown fields are ignored, as OpenAI's own server does; wrong types and out-of-range values are
+refused with a 400 that names the offending `param`.
+"""
+
+from __future__ import annotations
+
+from typing import Annotated, Any, Literal, TypeVar
+
+from pydantic import (
+    AfterValidator,
+    BaseModel,
+    ConfigDict,
+    Field,
+    ValidationError,
+    field_validator,
+)
+
+from thoxd.catalog.entries import Duration
+from thoxd.errors import InvalidRequest, UnsupportedParameter
+
+_Model = TypeVar("_Model", bound=BaseModel)
+
+# Large enough that "as many as fit" is always expressible; the context bounds it in practice.
+_MAX_TOKENS_BOUND = 1 << 31
+StopString = Annotated[str, Field(min_length=1, max_length=512)]
+
+
+class _Body(BaseModel):
+    model_config = ConfigDict(extra="ignore", strict=True, frozen=True)
+
+
+class TextPart(_Body):
+    type: Literal["text"]
+    text: str
+
+
+class ChatMessage(_Body):
+    role: Literal["system", "developer", "user", "assistant", "tool"]
+    content: str | list[TextPart] | None = None
+    name: str | None = None
+
+    def text(self) -> str:
+        if self.content is None:
+            return ""
+        if isinstance(self.content, str):
+            return self.content
+        return "".join(part.text for part in self.content)
+
+
+class StreamOptions(_Body):
+    include_usage: bool = False
+
+
+class GenerationBody(_Body):
+    """Fields shared by chat and text completions."""
+
+    model: str = Field(min_length=1, max_length=256)
+    max_tokens: int | None = Field(None, ge=1, le=_MAX_TOKENS_BOUND)
+    max_completion_tokens: int | None = Field(None, ge=1, le=_MAX_TOKENS_BOUND)
+    temperature: float | None = Field(None, ge=0.0, le=2.0)
+    top_p: float | None = Field(None, ge=0.0, le=1.0)
+    top_k: int | None = Field(None, ge=0, le=1000)
+    min_p: float | None = Field(None, ge=0.0, le=1.0)
+    presence_penalty: float = Field(0.0, ge=-2.0, le=2.0)
+    frequency_penalty: float = Field(0.0, ge=-2.0, le=2.0)
+    repeat_penalty: float | None = Field(None, gt=0.0, le=10.0)
+    stop: StopString | list[StopString] | None = None
+    seed: int | None = Field(None, ge=-(1 << 63), le=(1 << 64) - 1)
+    n: int = Field(1, ge=1, le=1)
+    # An extension (Ollama's): how long the model stays loaded once idle after this request.
+    keep_alive: Duration | None = None
+    user: str | None = Field(None, max_length=512)
+    stream: bool = False
+    stream_options: StreamOptions | None = None
+
+    @field_validator("stop")
+    @classmethod
+    def _at_most_four(cls, value: str | list[str] | None) -> str | list[str] | None:
+        if isinstance(value, list) and len(value) > 4:
+            raise ValueError("at most 4 stop sequences")
+        return value
+
+    def check_supported(self) -> None:
+        """Raise UnsupportedParameter for a field whose promise about the output we cannot keep."""
+
+    @property
+    def stops(self) -> tuple[str, ...]:
+        if self.stop is None:
+            return ()
+        return (self.stop,) if isinstance(self.stop, str) else tuple(self.stop)
+
+    @property
+    def token_limit(self) -> int | None:
+        return self.max_completion_tokens or self.max_tokens
+
+    @property
+    def include_usage(self) -> bool:
+        return self.stream_options is not None and self.stream_options.include_usage
+
+
+_NO_LOGPROBS = "Log probabilities are not supported yet: send the request without '{}'."
+
+
+class ResponseFormat(_Body):
+    type: Literal["text", "json_object", "json_schema"]
+
+
+class ChatRequest(GenerationBody):
+    messages: list[ChatMessage] = Field(min_length=1, max_length=4096)
+    # Accepted so that they can be refused by name (check_supported), not silently dropped.
+    logprobs: bool = False
+    top_logprobs: int | None = Field(None, ge=0, le=20)
+    response_format: ResponseFormat | None = None
+    tools: list[dict[str, Any]] | None = None
+    tool_choice: str | dict[str, Any] | None = None
+
+    def check_supported(self) -> None:
+        if self.logprobs or self.top_logprobs:
+            param = "logprobs" if self.logprobs else "top_logprobs"
+            raise UnsupportedParameter(_NO_LOGPROBS.format(param), param=param)
+        if self.response_format is not None and self.response_format.type != "text":
+            raise UnsupportedParameter(
+                f"response_format '{self.response_format.type}' (JSON mode) is not supported"
+                " yet; without it the model answers in free text.",
+                param="response_format",
+            )
+        if self.tools and self.tool_choice != "none":
+            raise UnsupportedParameter(
+                "Tool calling is not supported yet: send the request without 'tools'"
+                " (or with tool_choice 'none').",
+                param="tools",
+            )
+
+    def template_messages(self) -> list[dict[str, Any]]:
+        # "developer" is OpenAI's new name for "system".
+        return [
+            {"role": "system" if m.role == "developer" else m.role, "content": m.text()}
+            for m in self.messages
+        ]
+
+
+TokenList = Annotated[list[Annotated[int, Field(ge=0)]], Field(min_length=1)]
+PromptInput = str | list[str] | TokenList | list[TokenList]
+
+
+def _at_most(most: int) -> AfterValidator:
+    """A prompt/input list holds 1..`most` items (a flat token list counts as one)."""
+
+    def check(value: PromptInput) -> PromptInput:
+        several = isinstance(value, list) and not (value and isinstance(value[0], int))
+        if several and not 1 <= len(value) <= most:
+            raise ValueError(f"give between 1 and {most} items")
+        return value
+
+    return AfterValidator(check)
+
+
+class CompletionRequest(GenerationBody):
+    prompt: Annotated[PromptInput, _at_most(64)]
+    # Fill-in-the-middle: the text that follows the completion (models with FIM tokens only).
+    suffix: str | None = None
+    echo: bool = False  # the prompt's text comes first in each choice's text
+    logprobs: int | None = Field(None, ge=0, le=5)
+
+    def check_supported(self) -> None:
+        if self.logprobs is not None:
+            raise UnsupportedParameter(_NO_LOGPROBS.format("logprobs"), param="logprobs")
+
+
+class EmbeddingRequest(_Body):
+    model: str = Field(min_length=1, max_length=256)
+    input: Annotated[PromptInput, _at_most(2048)]
+    encoding_format: Literal["float", "base64"] = "float"
+    user: str | None = Field(None, max_length=512)
+    keep_alive: Duration | None = None
+
+
+class ModelAction(_Body):
+    """POST /models/load and /models/unload."""
+
+    model_id: str | None = Field(None, min_length=1, max_length=256)
+    keep_alive: Duration | None = None
+
+
+def parse(model: type[_Model], data: bytes | dict[str, Any]) -> _Model:
+    """Validate a JSON body (bytes) or an already-decoded object into `model`."""
+    try:
+        if isinstance(data, bytes | bytearray):
+            return model.model_validate_json(data)
+        return model.model_validate(data)
+    except ValidationError as exc:
+        raise _as_invalid_request(exc) from None
+
+
+def _as_invalid_request(exc: ValidationError) -> InvalidRequest:
+    error = exc.errors(include_url=False, include_input=False)[0]
+    if error["type"] == "json_invalid":
+        return InvalidRequest("The request body is not valid JSON.", param=None)
+    if error["type"] == "model_type" and not error["loc"]:
+        return InvalidRequest("The request body must be a JSON object.", param=None)
+    param = _param_name(error["loc"])
+    if param == "n":
+        return InvalidRequest("Only n=1 is supported: send one request per choice.", param="n")
+    return InvalidRequest(f"Invalid value for '{param}': {error['msg']}.", param=param)
+
+
+_UNION_TAGS = {"str", "int"}
+_VALIDATOR_TAGS = ("function-", "constrained-")
+
+
+def _param_name(loc: tuple[int | str, ...]) -> str:
+    # Pydantic adds the union member's type name to `loc` ('prompt', 'str'); drop those.
+    name = ""
+    for part in loc:
+        if isinstance(part, int):
+            name += f"[{part}]"
+        elif "[" in part or part in _UNION_TAGS or part.startswith(_VALIDATOR_TAGS):
+            continue
+        else:
+            name += f".{part}" if name else part
+    return name or "body"

@@ -1,0 +1,146 @@
+"""From a validated request to running generations: the rules every surface shares.
+
+REST and WebSocket both call `start_chat` / `start_completion`, so the model lookup, the chat
+template, tokenizing, the context-length check, sampling defaults and the `max_tokens` bound exist
+once. What comes back is submitted to the engine already; the caller only reads events.
+"""
+
+from __future__ import annotations
+
+from collections.abc import Sequence
+from dataclasses import dataclass
+
+from thoxd.api.schemas import ChatRequest, CompletionRequest, GenerationBody
+from thoxd.engine import Delta, Engine, Generation, LoadedModel, SamplingParams
+from thoxd.errors import InvalidRequest, UnsupportedParameter
+
+
+@dataclass
+class Started:
+    """Generations of one request, in choice order, all submitted."""
+
+    model_name: str  # as the client asked for it
+    model: LoadedModel
+    generations: list[Generation]
+
+    def cancel(self) -> None:
+        for gen in self.generations:
+            gen.cancel()
+
+
+async def start_chat(engine: Engine, body: ChatRequest) -> Started:
+    body.check_supported()
+    # Held from lookup to submit, so the model cannot be evicted in between; after that its
+    # generations hold it until they end.
+    async with engine.use(body.model, body.keep_alive) as model:
+        text = model.render_chat(body.template_messages())
+        tokens = await model.tokenize(text, add_special=False)
+        return _submit(model, body, [tokens], "messages")
+
+
+async def start_completion(engine: Engine, body: CompletionRequest) -> Started:
+    body.check_supported()
+    async with engine.use(body.model, body.keep_alive) as model:
+        if "completion" not in model.spec.capabilities:
+            raise InvalidRequest(
+                f"The model '{model.spec.id}' does not do text completions.", param="model"
+            )
+        suffix = None
+        if body.suffix:
+            if model.llama.fim is None:
+                raise UnsupportedParameter(
+                    f"The model '{model.spec.id}' has no fill-in-the-middle tokens, so it cannot"
+                    " complete between a prompt and a 'suffix'.",
+                    param="suffix",
+                )
+            suffix = await model.tokenize(body.suffix, add_special=False)
+        prompts: list[list[int]] = []
+        echoes: list[str] = []
+        for prompt in split_prompts(body.prompt):
+            if isinstance(prompt, str):
+                tokens = await model.tokenize(prompt, add_special=suffix is None)
+            else:
+                _check_token_ids(prompt, model.llama.n_vocab)
+                tokens = list(prompt)
+            if body.echo:
+                echoes.append(prompt if isinstance(prompt, str) else model.llama.detokenize(tokens))
+            prompts.append(tokens if suffix is None else infill(model, tokens, suffix))
+        return _submit(model, body, prompts, "prompt", echoes if body.echo else None)
+
+
+def infill(model: LoadedModel, prefix: list[int], suffix: list[int]) -> list[int]:
+    """A fill-in-the-middle prompt, laid out as llama-server's /infill does (prefix, suffix,
+    middle): the model then writes what goes between `prefix` and `suffix`."""
+    llama = model.llama
+    assert llama.fim is not None
+    pre, suf, mid = llama.fim
+    return [*([llama.bos] if llama.add_bos else []), pre, *prefix, suf, *suffix, mid]
+
+
+def split_prompts(
+    prompt: str | list[str] | list[int] | list[list[int]],
+) -> list[str | list[int]]:
+    """OpenAI's prompt/input forms as a list of single prompts (text, or token ids)."""
+    if isinstance(prompt, str):
+        return [prompt]
+    items: list[str | list[int]] = []
+    for item in prompt:
+        if isinstance(item, int):
+            return [[t for t in prompt if isinstance(t, int)]]
+        items.append(item)
+    return items
+
+
+def _check_token_ids(tokens: Sequence[int], n_vocab: int) -> None:
+    if any(t >= n_vocab for t in tokens):
+        raise InvalidRequest(f"Token ids must be below {n_vocab}.", param="prompt")
+
+
+def sampling_params(model: LoadedModel, body: GenerationBody) -> SamplingParams:
+    d = model.spec.defaults
+    return SamplingParams(
+        temperature=d.temperature if body.temperature is None else body.temperature,
+        top_p=d.top_p if body.top_p is None else body.top_p,
+        top_k=d.top_k if body.top_k is None else body.top_k,
+        min_p=d.min_p if body.min_p is None else body.min_p,
+        presence_penalty=body.presence_penalty,
+        frequency_penalty=body.frequency_penalty,
+        repeat_penalty=d.repeat_penalty if body.repeat_penalty is None else body.repeat_penalty,
+        seed=body.seed,
+    )
+
+
+def _submit(
+    model: LoadedModel,
+    body: GenerationBody,
+    prompts: list[list[int]],
+    param: str,
+    echoes: list[str] | None = None,
+) -> Started:
+    for tokens in prompts:
+        if not tokens:
+            raise InvalidRequest("The prompt is empty.", param=param)
+        model.check_fits(len(tokens), param)
+    params = sampling_params(model, body)
+    stops = (*model.spec.stop, *body.stops)
+    stop_tokens = model.stop_tokens(stops)
+    limit = body.token_limit or model.spec.defaults.max_tokens
+    started = Started(body.model, model, [])
+    try:
+        for i, tokens in enumerate(prompts):
+            room = model.n_ctx - len(tokens)
+            gen = Generation(
+                prompt=tokens,
+                params=params,
+                max_tokens=room if limit is None else min(limit, room),
+                stops=stops,
+                stop_tokens=stop_tokens,
+            )
+            if echoes is not None and echoes[i]:
+                gen.push(Delta(echoes[i]))  # queued before any token the engine sends
+            model.submit(gen)
+            started.generations.append(gen)
+    except BaseException:
+        started.cancel()  # all of a request's choices run, or none does
+        raise
+    return started

@@ -1,0 +1,36 @@
+"""The only code that touches llama.cpp. The rest of thoxd uses these names and nothing else:
+
+    Engine, EngineConfig   catalog models loaded on demand within a memory budget (runtime.py)
+    LoadedModel            one resident model: tokenizer, chat template, scheduler (model.py)
+    Generation             one request for tokens and the channel its events come back by
+    Delta, Finished, Failed, Timings
+                           those events, and llama-server's timing fields (request.py)
+    SamplingParams         how a request's next tokens are picked (sampling.py)
+    budget_bytes           the memory budget setting in bytes (memory.py)
+    system_info, supports_gpu_offload
+                           what this llama.cpp build can do, for /system/info (llama.py)
+
+The inner modules are the engine's own; tests and benchmarks may reach into them.
+"""
+
+from thoxd.engine.llama import supports_gpu_offload, system_info
+from thoxd.engine.memory import budget_bytes
+from thoxd.engine.model import EngineConfig, LoadedModel
+from thoxd.engine.request import Delta, Failed, Finished, Generation, Timings
+from thoxd.engine.runtime import Engine
+from thoxd.engine.sampling import SamplingParams
+
+__all__ = [
+    "Delta",
+    "Engine",
+    "EngineConfig",
+    "Failed",
+    "Finished",
+    "Generation",
+    "LoadedModel",
+    "SamplingParams",
+    "Timings",
+    "budget_bytes",
+    "supports_gpu_offload",
+    "system_info",
+]

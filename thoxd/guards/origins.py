@@ -1,0 +1,69 @@
+"""Browser origins: which web pages may use the box through a visitor's browser.
+
+    origin_allowed    a page may use the device when it was served by the device itself (the
+                      host the browser reached us by, or loopback on both sides), or when its
+                      origin is in `allowed_origins` ("*": any). The WebSocket handshake checks it.
+    cors_middleware   CORS for `allowed_origins` only; never credentials, so never `*` together
+                      with credentials.
+
+Clients that send no `Origin` (SDKs, scripts, curl) are not browsers and are not asked.
+"""
+
+from __future__ import annotations
+
+import ipaddress
+from collections.abc import Iterable
+from urllib.parse import urlsplit
+
+from starlette.middleware import Middleware
+from starlette.middleware.cors import CORSMiddleware
+
+
+def normal_origins(origins: Iterable[str]) -> frozenset[str]:
+    return frozenset(_normal_origin(o) for o in origins)
+
+
+def origin_allowed(origin: str, host: str | None, allowed: frozenset[str]) -> bool:
+    """Whether a browser page from `origin` may use the device reached as `host` (Host header)."""
+    if "*" in allowed or _normal_origin(origin) in allowed:
+        return True
+    try:
+        parts = urlsplit(origin.strip())
+        origin_host = parts.hostname
+        request_host = urlsplit("//" + host).hostname if host else None
+    except ValueError:
+        return False
+    if parts.scheme not in ("http", "https") or not origin_host or not request_host:
+        return False
+    return origin_host == request_host or (_loopback(origin_host) and _loopback(request_host))
+
+
+def _normal_origin(origin: str) -> str:
+    return origin.strip().rstrip("/").lower()
+
+
+def _loopback(hostname: str) -> bool:
+    if hostname == "localhost" or hostname.endswith(".localhost"):
+        return True
+    try:
+        return ipaddress.ip_address(hostname).is_loopback
+    except ValueError:
+        return False
+
+
+def cors_middleware(allowed_origins: Iterable[str]) -> list[Middleware]:
+    """CORS for the listed origins (the WebSocket's `allowed_origins`); none when empty."""
+    origins = sorted({o.strip().rstrip("/") for o in allowed_origins})
+    if not origins:
+        return []
+    return [
+        Middleware(
+            CORSMiddleware,
+            allow_origins=origins,
+            allow_methods=["GET", "POST", "OPTIONS"],
+            allow_headers=["*"],
+            allow_credentials=False,  # never: so "*" can never go with credentials
+            allow_private_network=True,  # Chrome's Private Network Access preflights
+            expose_headers=["Retry-After"],
+        )
+    ]
