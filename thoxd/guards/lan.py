@@ -1,46 +1,29 @@
-"""Safe on a LAN: who may talk to the box, by which name, and how slowly.
+"""Safe on a LAN: who may talk to the box, and by which name.
 
-The daemon binds 0.0.0.0 on purpose, so every request passes these checks first:
+The daemon binds 0.0.0.0 on purpose, so every request passes this check first:
 
-    LanGuard              403 for a client outside loopback, RFC 1918, link-local and ULA
-                          (`allow_public_clients` opens it), then 403 for a Host header that is
-                          not one of the box's names or addresses (DNS rebinding: a web page on
-                          evil.example whose name now resolves to 192.168.1.5 still sends
-                          `Host: evil.example`). WebSocket handshakes too.
-    CORS                  only when `allowed_origins` is set; never credentials, so never `*`
-                          together with credentials.
-    BodyTimeoutMiddleware 408 when a request body has not arrived `body_timeout_seconds` after
-                          its headers.
-    header_timeout_protocol
-                          uvicorn's h11 protocol with a deadline for the request headers: a
-                          connection that sends nothing, or dribbles its headers, is closed after
-                          `header_timeout_seconds` (with a 408 if part of a request came).
-
-uvicorn has neither timeout: without them a client that opens a socket and sends a byte now and
-then holds a connection (and its memory) forever.
+    LanGuard    403 for a client outside loopback, RFC 1918, link-local and ULA
+                (`allow_public_clients` opens it), then 403 for a Host header that is not one of
+                the box's names or addresses (DNS rebinding: a web page on evil.example whose
+                name now resolves to 192.168.1.5 still sends `Host: evil.example`). WebSocket
+                handshakes too.
 """
 
 from __future__ import annotations
 
-import asyncio
 import ipaddress
 import json
 import logging
 import socket
 import time
 from collections.abc import Callable, Iterable
-from typing import ClassVar
 from urllib.parse import urlsplit
 
-import h11
 import psutil  # type: ignore[import-untyped]
-from starlette.middleware import Middleware
-from starlette.middleware.cors import CORSMiddleware
 from starlette.responses import JSONResponse
-from starlette.types import ASGIApp, Message, Receive, Scope, Send
-from uvicorn.protocols.http.h11_impl import H11Protocol
+from starlette.types import ASGIApp, Receive, Scope, Send
 
-from thoxd.errors import ClientNotAllowed, HostNotAllowed, RequestTimeout, ThoxdError
+from thoxd.errors import ClientNotAllowed, HostNotAllowed, ThoxdError
 
 logger = logging.getLogger("thoxd.security")
 
@@ -196,136 +179,3 @@ async def _refuse(scope: Scope, receive: Receive, send: Send, error: ThoxdError)
         await send({"type": "websocket.http.response.body", "body": body})
     else:
         await send({"type": "websocket.close", "code": 1008})  # before accept: a 403
-
-
-class BodyTimeoutMiddleware:
-    """The whole request body must arrive within `seconds` of the headers; else 408 and close.
-
-    Only while the body is still coming: waiting for `http.disconnect` afterwards (a long
-    generation) has no deadline.
-    """
-
-    def __init__(self, app: ASGIApp, seconds: float) -> None:
-        self.app = app
-        self.seconds = seconds
-
-    async def __call__(self, scope: Scope, receive: Receive, send: Send) -> None:
-        if scope["type"] != "http":
-            await self.app(scope, receive, send)
-            return
-        deadline = time.monotonic() + self.seconds
-        body_done = False
-
-        async def timed_receive() -> Message:
-            nonlocal body_done
-            if body_done:
-                return await receive()
-            try:
-                message = await asyncio.wait_for(receive(), max(deadline - time.monotonic(), 0))
-            except TimeoutError:
-                logger.info("request body not received within %.0f s; 408", self.seconds)
-                raise RequestTimeout(
-                    f"The request body did not arrive within {self.seconds:g} seconds."
-                ) from None
-            if message["type"] != "http.request" or not message.get("more_body", False):
-                body_done = True
-            return message
-
-        await self.app(scope, timed_receive, send)
-
-
-def cors_middleware(allowed_origins: Iterable[str]) -> list[Middleware]:
-    """CORS for the listed origins (the WebSocket's `allowed_origins`); none when empty."""
-    origins = sorted({o.strip().rstrip("/") for o in allowed_origins})
-    if not origins:
-        return []
-    return [
-        Middleware(
-            CORSMiddleware,
-            allow_origins=origins,
-            allow_methods=["GET", "POST", "OPTIONS"],
-            allow_headers=["*"],
-            allow_credentials=False,  # never: so "*" can never go with credentials
-            allow_private_network=True,  # Chrome's Private Network Access preflights
-            expose_headers=["Retry-After"],
-        )
-    ]
-
-
-# -- the header deadline, in uvicorn's h11 protocol ------------------------------------------
-
-
-def header_timeout_protocol(seconds: float) -> type[H11Protocol]:
-    """uvicorn's h11 protocol, plus a deadline for each request's headers.
-
-    The clock starts when the connection opens, and for later requests on a kept-alive
-    connection at their first byte (idle time between requests is uvicorn's keep-alive
-    timeout). It stops when the headers are complete; the body has `BodyTimeoutMiddleware`.
-    The same deadline covers the rest of a body that nobody reads any more (the response went
-    out early, as a 404 or 413 does): uvicorn would otherwise take it at any pace.
-    """
-
-    class HeaderTimeoutProtocol(H11Protocol):
-        header_timeout: ClassVar[float] = seconds
-        _header_timer: asyncio.TimerHandle | None = None
-
-        def connection_made(self, transport: asyncio.Transport) -> None:  # type: ignore[override]
-            super().connection_made(transport)
-            self._arm()
-
-        def data_received(self, data: bytes) -> None:
-            super().data_received(data)
-            self._check()
-
-        def on_response_complete(self) -> None:
-            super().on_response_complete()
-            if self.conn.their_state is h11.SEND_BODY:  # answered before the body came
-                self._check()
-
-        def _waiting(self) -> bool:
-            """Whether only the client can move: its headers, or a body already answered."""
-            their, ours = self.conn.their_state, self.conn.our_state
-            return their is h11.IDLE or (
-                their is h11.SEND_BODY and ours in (h11.DONE, h11.MUST_CLOSE)
-            )
-
-        def _check(self) -> None:
-            if self._waiting() and not self.transport.is_closing():
-                self._arm()
-            else:
-                self._disarm()
-
-        def connection_lost(self, exc: Exception | None) -> None:
-            self._disarm()
-            super().connection_lost(exc)
-
-        def _arm(self) -> None:
-            if self._header_timer is None:
-                self._header_timer = self.loop.call_later(self.header_timeout, self._expired)
-
-        def _disarm(self) -> None:
-            if self._header_timer is not None:
-                self._header_timer.cancel()
-                self._header_timer = None
-
-        def _expired(self) -> None:
-            self._header_timer = None
-            if self.transport.is_closing() or not self._waiting():
-                return
-            client = f"{self.client[0]}:{self.client[1]}" if self.client else "a client"
-            logger.debug("closed %s: no request headers within %g s", client, self.header_timeout)
-            if self.conn.their_state is h11.IDLE and self.conn.trailing_data[0]:
-                self.transport.write(_timeout_response(self.header_timeout))  # say why
-            self.transport.close()
-
-    return HeaderTimeoutProtocol
-
-
-def _timeout_response(seconds: float) -> bytes:
-    error = RequestTimeout(f"The request headers did not arrive within {seconds:g} seconds.")
-    body = json.dumps(error.envelope()).encode()
-    head = (
-        "HTTP/1.1 408 Request Timeout\r\ncontent-type: application/json\r\n"
-        f"content-length: {len(body)}\r\nconnection: close\r\n\r\n"
-    )
-    return head.encode() + body
