@@ -2,11 +2,15 @@
 
 from __future__ import annotations
 
+import contextlib
 import math
+import re
+from typing import Any
 
 import pytest
 
-from thoxd.units import format_bytes, format_duration, parse_duration, parse_size
+import thoxd.units
+from thoxd.units import MAX_TEXT, format_bytes, format_duration, parse_duration, parse_size
 
 GIB = 1024**3
 MIB = 1024**2
@@ -62,6 +66,72 @@ def test_rejected_duration_message_is_short() -> None:
     with pytest.raises(ValueError) as info:
         parse_duration("x" * 10_000)
     assert len(str(info.value)) < 200
+
+
+@pytest.mark.parametrize("text", ["1" * 100_000 + "x", "1" * 100_000, "5m" * 50_000])
+def test_long_duration_text_is_refused_by_its_length(text: str) -> None:
+    # A backtracking scan took 43 s on 45 000 digits (the watchdog kills the daemon at 30 s):
+    # the length is checked before anything parses the text.
+    with pytest.raises(ValueError) as info:
+        parse_duration(text)
+    assert str(info.value) == f"a duration is at most 64 characters long, not {len(text)}"
+
+
+def test_a_number_just_over_the_length_limit_is_refused() -> None:
+    assert parse_duration("1" * MAX_TEXT) == float("1" * MAX_TEXT)
+    with pytest.raises(ValueError, match="at most 64 characters"):
+        parse_duration("1" * (MAX_TEXT + 1))
+    with pytest.raises(ValueError, match="at most 64 characters"):
+        parse_duration(" " * MAX_TEXT + "5m")  # the raw text counts, spaces too
+
+
+class CountingPattern:
+    """Wraps the duration part pattern; records where each match was tried."""
+
+    def __init__(self, pattern: re.Pattern[str]) -> None:
+        self.pattern = pattern
+        self.tried: list[int] = []
+
+    def match(self, text: str, pos: int = 0) -> re.Match[str] | None:
+        self.tried.append(pos)
+        return self.pattern.match(text, pos)
+
+    def __getattr__(self, name: str) -> Any:
+        raise AssertionError(f"the duration parser used {name}(), not match() at one position")
+
+
+@pytest.mark.parametrize(
+    ("text", "tried"),
+    [("1h30m", [0, 2]), ("1s" * 32, list(range(0, 64, 2))), ("1h30mx", [0, 2, 5]),
+     ("1" * 63 + "x", [0])],
+)  # fmt: skip
+def test_duration_parts_are_scanned_once_from_left_to_right(
+    monkeypatch: pytest.MonkeyPatch, text: str, tried: list[int]
+) -> None:
+    # Linear by construction: each part is matched where the previous one ended, once; no
+    # search that restarts at every position.
+    counting = CountingPattern(thoxd.units._DURATION_PART)
+    monkeypatch.setattr(thoxd.units, "_DURATION_PART", counting)
+    with contextlib.suppress(ValueError):
+        parse_duration(text)
+    assert counting.tried == tried
+
+
+@pytest.mark.parametrize(
+    "value",
+    [10**400, -(10**400), "1e400", "-1e400"],
+    ids=["10**400", "-10**400", "1e400", "-1e400"],
+)
+def test_numbers_no_float_holds_are_refused(value: object) -> None:
+    # Not "forever": like Ollama, a number a float cannot hold is refused, either sign.
+    with pytest.raises(ValueError, match="out of range"):
+        parse_duration(value)
+
+
+def test_the_largest_numbers_a_float_holds_are_durations() -> None:
+    assert parse_duration(10**308) == 1e308
+    assert parse_duration(-(10**308)) == math.inf  # negative: no limit
+    assert parse_duration("-inf") == parse_duration("infinity") == math.inf
 
 
 @pytest.mark.parametrize(
@@ -149,6 +219,18 @@ def test_parse_size_share(text: str, share: float) -> None:
 def test_parse_size_rejects(value: object) -> None:
     with pytest.raises(ValueError):
         parse_size(value)
+
+
+@pytest.mark.parametrize("text", ["9" * 400 + "TiB", "1" * 100_000, "1" * 64 + "B"])
+def test_long_size_text_is_refused_by_its_length(text: str) -> None:
+    # 400 nines overflowed to a float infinity and then int(): a traceback, not a message.
+    with pytest.raises(ValueError) as info:
+        parse_size(text)
+    assert str(info.value) == f"a size is at most 64 characters long, not {len(text)}"
+
+
+def test_the_longest_size_text_is_parsed() -> None:
+    assert parse_size("9" * 61 + "TiB") == (int(float("9" * 61) * 1024**4), None)
 
 
 @pytest.mark.parametrize(
