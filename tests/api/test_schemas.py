@@ -316,3 +316,127 @@ def test_completion_logprobs_are_unsupported_and_echo_suffix_parse() -> None:
     req.check_supported()
     assert req.echo is True and req.suffix == "s"
     assert refused(CompletionRequest, {**body, "logprobs": 6}).param == "logprobs"
+
+
+@pytest.mark.parametrize(("model", "body"), KEEP_ALIVE_BODIES, ids=KEEP_ALIVE_IDS)
+@pytest.mark.parametrize("value", [10**400, -(10**400)], ids=["10**400", "-10**400"])
+def test_keep_alive_no_float_holds_is_a_400(
+    model: type[Any], body: dict[str, Any], value: int
+) -> None:
+    # Was an OverflowError: a 500 on every route that takes keep_alive.
+    for data in (json.dumps({**body, "keep_alive": value}).encode(), {**body, "keep_alive": value}):
+        error = refused(model, data)
+        assert error.param == "keep_alive"
+        assert "out of range" in error.message
+
+
+def test_model_action_keep_alive_no_float_holds_is_a_400() -> None:
+    error = refused(ModelAction, b'{"model_id": "m", "keep_alive": 1' + b"0" * 400 + b"}")
+    assert error.param == "keep_alive"
+
+
+@pytest.mark.parametrize(("model", "body"), KEEP_ALIVE_BODIES, ids=KEEP_ALIVE_IDS)
+def test_long_keep_alive_text_is_refused_by_its_length(
+    model: type[Any], body: dict[str, Any]
+) -> None:
+    error = refused(model, json.dumps({**body, "keep_alive": "1" * 100_000 + "x"}).encode())
+    assert error.param == "keep_alive"
+    assert error.message == (
+        "Invalid value for 'keep_alive': a duration is at most 64 characters long, not 100001."
+    )
+
+
+# ---------------------------------------------------------------- token ids
+
+MAX_ID = 2**31 - 1
+
+
+@pytest.mark.parametrize(
+    ("prompt", "where"),
+    [([2**32], "[0]"), ([1, 2**64], "[1]"), ([-1], "[0]"), ([2**31], "[0]"),
+     ([[1, 2], [3, 2**32]], "[1][1]"), ([[-5]], "[0][0]")],
+    ids=["2**32", "2**64", "negative", "2**31", "nested", "nested-negative"],
+)  # fmt: skip
+def test_token_ids_out_of_range_are_refused(prompt: list[Any], where: str) -> None:
+    # ids >= 2**32 wrapped around in ctypes and were served (200).
+    for model, name in ((CompletionRequest, "prompt"), (EmbeddingRequest, "input")):
+        error = refused(model, json.dumps({"model": "m", name: prompt}).encode())
+        assert error.param == name
+        assert f"{name}{where} is not one" in error.message
+        assert f"from 0 to {MAX_ID}" in error.message
+
+
+def test_token_ids_at_the_bounds_are_accepted() -> None:
+    assert parse(CompletionRequest, {"model": "m", "prompt": [0, MAX_ID]}).prompt == [0, MAX_ID]
+    req = parse(EmbeddingRequest, {"model": "m", "input": [[MAX_ID], [0]]})
+    assert req.input == [[MAX_ID], [0]]
+
+
+# ---------------------------------------------------------------- lone surrogates
+
+# Raw JSON text: "\ud800" is a lone high surrogate, "\udc00" a lone low one.
+SURROGATE_BODIES = [
+    (ChatRequest, r'{"model": "m", "messages": [{"role": "user", "content": "a\ud800b"}]}',
+     "messages[0].content"),
+    (ChatRequest, r'{"model": "m", "messages": [{"role": "user", "content": [{"type": "text",'
+     r' "text": "\udc00"}]}]}', "messages[0].content[0].text"),
+    (ChatRequest, r'{"model": "m\ud800", "messages": [{"role": "user", "content": "x"}]}',
+     "model"),
+    (ChatRequest, r'{"model": "m", "messages": [{"role": "user", "content": "x"}], "stop":'
+     r' ["ok", "\ud800\ud800"]}', "stop[1]"),
+    (CompletionRequest, r'{"model": "m", "prompt": ["fine", "\udfff"]}', "prompt[1]"),
+    (CompletionRequest, r'{"model": "m", "prompt": "x", "user": "\ud800"}', "user"),
+    (EmbeddingRequest, r'{"model": "m", "input": "\ud800"}', "input"),
+    (ModelAction, r'{"model_id": "\ud800"}', "model_id"),
+    (ModelAction, r'{"model_id": "m", "keep_alive": "5m\ud800"}', "keep_alive"),
+    # Unknown fields are ignored, but their strings and keys are still text.
+    (ChatRequest, r'{"model": "m", "messages": [{"role": "user", "content": "x"}], "foo":'
+     r' {"bar": ["\ud800"]}}', "foo.bar[0]"),
+    (ChatRequest, r'{"model": "m", "messages": [{"role": "user", "content": "x",'
+     r' "k\ud800": 1}]}', "messages[0]"),
+    (ChatRequest, r'{"model": "m", "messages": [{"role": "user", "content": "x"}],'
+     r' "\ud800": 1}', None),
+]  # fmt: skip
+
+
+@pytest.mark.parametrize(
+    ("model", "text", "param"),
+    SURROGATE_BODIES,
+    ids=[f"{model.__name__}-{param}" for model, _, param in SURROGATE_BODIES],
+)
+def test_lone_surrogate_is_a_400_naming_where_it_is(
+    model: type[Any], text: str, param: str | None
+) -> None:
+    # As bytes (REST) and as the object json.loads makes of them (the WebSocket): the same 400.
+    for data in (text.encode(), json.loads(text)):
+        error = refused(model, data)
+        assert error.param == param
+        assert "lone surrogate" in error.message
+        assert error.type == "invalid_request_error"
+        json.dumps(error.envelope(), ensure_ascii=False).encode()  # it can be sent
+
+
+def test_surrogate_pair_is_text() -> None:
+    body = r'{"model": "m", "messages": [{"role": "user", "content": "\ud83d\ude00"}]}'
+    assert parse(ChatRequest, body.encode()).messages[0].content == "\U0001f600"
+    assert parse(ChatRequest, json.loads(body)).messages[0].content == "\U0001f600"
+
+
+def test_utf8_encoded_surrogate_is_a_400() -> None:
+    # The three bytes UTF-8 would give a surrogate (CESU-8): not UTF-8 text either.
+    body = b'{"model": "m", "input": "\xed\xa0\x80"}'
+    assert "lone surrogate" in refused(EmbeddingRequest, body).message
+
+
+def test_deeply_nested_surrogate_is_found() -> None:
+    deep: Any = "\ud800"
+    for _ in range(5000):  # deeper than Python's recursion limit
+        deep = [deep]
+    error = refused(ChatRequest, {"model": "m", "messages": [USER], "extra": deep})
+    assert error.param == "extra" + "[0]" * 5000
+
+
+def test_malformed_json_is_still_not_valid_json() -> None:
+    for body in (b'{"model": "m", "input": "\\ud800', b'{"model": "m", "input": "x",}'):
+        error = refused(EmbeddingRequest, body)
+        assert (error.param, error.message) == (None, "The request body is not valid JSON.")

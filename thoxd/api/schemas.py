@@ -6,6 +6,8 @@ refused with a 400 that names the offending `param`.
 
 from __future__ import annotations
 
+import json
+import re
 from typing import Annotated, Any, Literal, TypeVar
 
 from pydantic import (
@@ -141,24 +143,39 @@ class ChatRequest(GenerationBody):
         ]
 
 
-TokenList = Annotated[list[Annotated[int, Field(ge=0)]], Field(min_length=1)]
+# Token ids are range-checked once the union has matched (_prompt), in one clear message.
+TokenList = Annotated[list[int], Field(min_length=1)]
 PromptInput = str | list[str] | TokenList | list[TokenList]
+# llama.cpp's llama_token is an int32: a larger id would wrap around on its way in.
+MAX_TOKEN_ID = (1 << 31) - 1
 
 
-def _at_most(most: int) -> AfterValidator:
-    """A prompt/input list holds 1..`most` items (a flat token list counts as one)."""
+def _prompt(name: str, most: int) -> AfterValidator:
+    """A prompt/input list holds 1..`most` items (a flat token list counts as one), and its
+    token ids lie in 0..MAX_TOKEN_ID."""
 
     def check(value: PromptInput) -> PromptInput:
-        several = isinstance(value, list) and not (value and isinstance(value[0], int))
+        if isinstance(value, str):
+            return value
+        several = not (value and isinstance(value[0], int))
         if several and not 1 <= len(value) <= most:
             raise ValueError(f"give between 1 and {most} items")
+        lists = [value] if not several else [v for v in value if isinstance(v, list)]
+        for i, tokens in enumerate(lists):
+            where = f"{name}[{i}]" if several else name
+            for j, token in enumerate(tokens):
+                if isinstance(token, int) and not 0 <= token <= MAX_TOKEN_ID:
+                    raise ValueError(
+                        f"token ids are integers from 0 to {MAX_TOKEN_ID}, and {where}[{j}]"
+                        " is not one"
+                    )
         return value
 
     return AfterValidator(check)
 
 
 class CompletionRequest(GenerationBody):
-    prompt: Annotated[PromptInput, _at_most(64)]
+    prompt: Annotated[PromptInput, _prompt("prompt", 64)]
     # Fill-in-the-middle: the text that follows the completion (models with FIM tokens only).
     suffix: str | None = None
     echo: bool = False  # the prompt's text comes first in each choice's text
@@ -171,7 +188,7 @@ class CompletionRequest(GenerationBody):
 
 class EmbeddingRequest(_Body):
     model: str = Field(min_length=1, max_length=256)
-    input: Annotated[PromptInput, _at_most(2048)]
+    input: Annotated[PromptInput, _prompt("input", 2048)]
     encoding_format: Literal["float", "base64"] = "float"
     user: str | None = Field(None, max_length=512)
     keep_alive: Duration | None = None
@@ -189,21 +206,84 @@ def parse(model: type[_Model], data: bytes | dict[str, Any]) -> _Model:
     try:
         if isinstance(data, bytes | bytearray):
             return model.model_validate_json(data)
+        if (where := lone_surrogate(data)) is not None:
+            raise _surrogate_error(where)
         return model.model_validate(data)
     except ValidationError as exc:
-        raise _as_invalid_request(exc) from None
+        raise _as_invalid_request(exc, data) from None
 
 
-def _as_invalid_request(exc: ValidationError) -> InvalidRequest:
+def _as_invalid_request(exc: ValidationError, data: bytes | dict[str, Any]) -> InvalidRequest:
     error = exc.errors(include_url=False, include_input=False)[0]
     if error["type"] == "json_invalid":
+        where = _surrogate_in_json(data) if isinstance(data, bytes | bytearray) else None
+        if where is not None:
+            return _surrogate_error(where)
         return InvalidRequest("The request body is not valid JSON.", param=None)
     if error["type"] == "model_type" and not error["loc"]:
         return InvalidRequest("The request body must be a JSON object.", param=None)
     param = _param_name(error["loc"])
     if param == "n":
         return InvalidRequest("Only n=1 is supported: send one request per choice.", param="n")
-    return InvalidRequest(f"Invalid value for '{param}': {error['msg']}.", param=param)
+    # A validator's own words, without pydantic's "Value error, " in front of them.
+    reason = error.get("ctx", {}).get("error", error["msg"])
+    return InvalidRequest(f"Invalid value for '{param}': {reason}.", param=param)
+
+
+# -- lone surrogates ---------------------------------------------------------------------------
+# JSON may spell a UTF-16 surrogate alone ("\ud800"); Python's json decodes it into a str that
+# cannot be encoded, so it would fail deep inside tokenizing, logging or sending. Refused here.
+
+_SURROGATE = re.compile("[\ud800-\udfff]")
+
+
+def has_lone_surrogate(text: str) -> bool:
+    return _SURROGATE.search(text) is not None
+
+
+def lone_surrogate(data: object) -> tuple[int | str, ...] | None:
+    """Where the first string holding a lone surrogate lies in decoded JSON, or None. For a key,
+    the location of its object: the key itself cannot go into a message."""
+    # Iterative, with each location kept as a link to its parent: linear whatever the depth.
+    todo: list[tuple[object, tuple[Any, int | str] | None]] = [(data, None)]
+    while todo:
+        value, at = todo.pop()
+        if isinstance(value, str):
+            if has_lone_surrogate(value):
+                return _unlink(at)
+        elif isinstance(value, dict):
+            for key in value:
+                if isinstance(key, str) and has_lone_surrogate(key):
+                    return _unlink(at)
+            todo.extend((item, (at, key)) for key, item in reversed(value.items()))
+        elif isinstance(value, list):
+            todo.extend((item, (at, i)) for i, item in reversed(list(enumerate(value))))
+    return None
+
+
+def _unlink(at: tuple[Any, int | str] | None) -> tuple[int | str, ...]:
+    loc: list[int | str] = []
+    while at is not None:
+        at, part = at
+        loc.append(part)
+    return tuple(reversed(loc))
+
+
+def _surrogate_in_json(data: bytes | bytearray) -> tuple[int | str, ...] | None:
+    # Only on the error path: pydantic's parser refuses a lone surrogate as "invalid JSON";
+    # Python's accepts it, so a body it decodes is valid JSON with a string that is not Unicode.
+    try:
+        return lone_surrogate(json.loads(data))
+    except (ValueError, RecursionError):
+        return None
+
+
+def _surrogate_error(loc: tuple[int | str, ...]) -> InvalidRequest:
+    why = "a lone surrogate (a \\ud800-\\udfff escape without its pair), which is not Unicode text"
+    if not loc:
+        return InvalidRequest(f"The request body holds {why}.", param=None)
+    param = _param_name(loc)
+    return InvalidRequest(f"Invalid value for '{param}': it holds {why}.", param=param)
 
 
 _UNION_TAGS = {"str", "int"}
