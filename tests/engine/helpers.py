@@ -5,6 +5,7 @@ from __future__ import annotations
 from pathlib import Path
 
 from thoxd.catalog.entries import ModelSpec
+from thoxd.engine.faults import Faults
 from thoxd.engine.llama import route_llama_logs
 from thoxd.engine.model import EngineConfig, LoadedModel
 from thoxd.engine.request import Delta, Failed, Finished, Generation
@@ -22,6 +23,8 @@ def load_model(
     queue_size: int = 16,
     batch_size: int = 512,
     draft_max: int = 15,
+    faults: Faults | None = None,
+    stop_timeout: float = 10.0,
 ) -> LoadedModel:
     # As in the daemon: llama.cpp logs through our router, also while contexts are freed.
     route_llama_logs()
@@ -32,6 +35,8 @@ def load_model(
         queue_size=queue_size,
         batch_size=batch_size,
         draft_max=draft_max,
+        faults=faults or Faults(),
+        stop_timeout=stop_timeout,
     )
     return LoadedModel(spec, model_file, config)
 
@@ -47,6 +52,16 @@ async def collect(gen: Generation) -> tuple[str, Finished]:
         else:
             return "".join(parts), event
     raise AssertionError("no Finished event")
+
+
+def counting(model: LoadedModel, start: int, max_tokens: int = 12) -> Generation:
+    """Greedy counting from `start`: confident text, the same alone or beside others."""
+    numbers = ", ".join(str(n) for n in range(start, start + 6))
+    return Generation(
+        prompt=model.llama.tokenize(f"{numbers},", add_special=True),
+        params=SamplingParams(temperature=0.0, repeat_penalty=1.0),
+        max_tokens=max_tokens,
+    )
 
 
 async def run_prompt(

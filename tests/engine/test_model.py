@@ -10,7 +10,7 @@ from pathlib import Path
 import psutil  # type: ignore[import-untyped]
 import pytest
 
-import thoxd.engine.model
+import thoxd.engine.embed
 from tests.engine.helpers import collect, load_model
 from thoxd.catalog.entries import ModelSpec
 from thoxd.engine.model import LoadedModel
@@ -29,13 +29,18 @@ def model(default_spec: ModelSpec, model_file: Path, models_dir: Path) -> Iterat
     m.close()
 
 
+async def embed(model: LoadedModel, inputs: list[list[int]]) -> list[list[float]]:
+    return await model.embed(inputs).result()
+
+
 def _dot(x: list[float], y: list[float]) -> float:
     return sum(p * q for p, q in zip(x, y, strict=True))
 
 
 def test_embeddings_are_normalised_and_meaningful(model: LoadedModel) -> None:
     async def embed(text: str) -> list[float]:
-        return await model.embed(model.llama.tokenize(text, add_special=True))
+        [vector] = await model.embed([model.llama.tokenize(text, add_special=True)]).result()
+        return vector
 
     async def scenario() -> tuple[list[float], list[float], list[float]]:
         return (
@@ -62,12 +67,12 @@ def test_chunking_does_not_change_an_embedding(
     tokens = model.llama.tokenize(
         "The quick brown fox jumps over the lazy dog. " * 20, add_special=True
     )
-    assert len(tokens) > 3 * thoxd.engine.model.EMBED_BATCH
-    chunked = asyncio.run(model.embed(tokens))
-    monkeypatch.setattr(thoxd.engine.model, "EMBED_BATCH", 512)
+    assert len(tokens) > 3 * thoxd.engine.embed.EMBED_BATCH
+    [chunked] = asyncio.run(embed(model, [tokens]))
+    monkeypatch.setattr(thoxd.engine.embed, "EMBED_BATCH", 512)
     whole = _load(default_spec, model_file, models_dir)
     try:
-        single = asyncio.run(whole.embed(tokens))
+        [single] = asyncio.run(embed(whole, [tokens]))
     finally:
         whole.close()
     assert _dot(chunked, single) > 0.9999
@@ -79,7 +84,7 @@ def test_a_long_input_embeds_in_bounded_memory(model: LoadedModel) -> None:
     tokens = model.llama.tokenize("word " * 3000, add_special=True)
     process = psutil.Process()
     before = process.memory_info().rss
-    vector = asyncio.run(model.embed(tokens))
+    [vector] = asyncio.run(embed(model, [tokens]))
     grown = process.memory_info().rss - before
     assert len(vector) == model.llama.n_embd
     assert grown < 400 * 2**20, f"RSS grew by {grown / 2**20:.0f} MiB"

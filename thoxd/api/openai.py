@@ -10,7 +10,7 @@ import asyncio
 import base64
 import json
 import struct
-from collections.abc import AsyncIterator
+from collections.abc import AsyncIterator, Awaitable, Callable
 from typing import Any
 
 from starlette.requests import Request
@@ -27,10 +27,13 @@ from thoxd.api.schemas import (
 )
 from thoxd.api.shapes import Envelope
 from thoxd.api.start import Started, split_prompts, start_chat, start_completion
-from thoxd.engine import Delta, Engine, Failed, Finished
+from thoxd.engine import Delta, Embedding, Engine, Failed, Finished
+from thoxd.errors import InvalidRequest
 from thoxd.guards.shutdown import Shutdown, shutting_down
 
 SSE_HEADERS = {"Cache-Control": "no-cache", "X-Accel-Buffering": "no"}
+# Inputs in one embeddings request (OpenAI's own limit); they are embedded one after another.
+MAX_INPUTS = 2048
 
 
 async def merged_events(started: Started) -> AsyncIterator[tuple[int, Delta | Finished | Failed]]:
@@ -96,17 +99,26 @@ class OpenAIRoutes:
                 media_type="text/event-stream",
                 headers=SSE_HEADERS,
             )
-        collect = asyncio.ensure_future(self._collect(started, envelope))
+        answer = await self._unless_gone(request, self._collect(started, envelope), started.cancel)
+        return Response(status_code=499) if answer is None else JSONResponse(answer)
+
+    async def _unless_gone(
+        self, request: Request, work: Awaitable[dict[str, Any]], cancel: Callable[[], None]
+    ) -> dict[str, Any] | None:
+        """`work`'s result, or None if the client left first: then `cancel` frees what it held
+        (slots, an embedding in progress) now, since nobody will read the answer. Past the
+        shutdown's grace period `cancel` runs too, and the answer is a 503."""
+        done = asyncio.ensure_future(work)
         gone = asyncio.ensure_future(_until_disconnect(request.receive))
-        forget = self.shutdown.at_end(started.cancel)  # past the grace period: 503
-        await asyncio.wait({collect, gone}, return_when=asyncio.FIRST_COMPLETED)
+        forget = self.shutdown.at_end(cancel)
+        await asyncio.wait({done, gone}, return_when=asyncio.FIRST_COMPLETED)
         forget()
         gone.cancel()
-        if not collect.done():  # the client left: free its slots now; nobody reads an answer
-            started.cancel()
-            collect.cancel()
-            return Response(status_code=499)
-        return JSONResponse(collect.result())
+        if not done.done():
+            cancel()
+            done.cancel()
+            return None
+        return done.result()
 
     async def _collect(self, started: Started, envelope: Envelope) -> dict[str, Any]:
         n = len(started.generations)
@@ -161,27 +173,37 @@ class OpenAIRoutes:
 
     async def embeddings(self, request: Request) -> Response:
         body = parse(EmbeddingRequest, await request.body())
-        data = []
-        n_tokens = 0
+        items = split_prompts(body.input)
+        if len(items) > MAX_INPUTS:
+            raise InvalidRequest(
+                f"At most {MAX_INPUTS} inputs per request ({len(items)} were sent).", param="input"
+            )
         async with self.engine.use(body.model, body.keep_alive) as model:
-            for index, item in enumerate(split_prompts(body.input)):
-                if isinstance(item, str):
-                    tokens = await model.tokenize(item, add_special=True)
-                else:
-                    tokens = list(item)
-                n_tokens += len(tokens)
-                vector = await model.embed(tokens)
-                data.append(
-                    {"object": "embedding", "index": index, "embedding": _encode(vector, body)}
-                )
-        return JSONResponse(
-            {
-                "object": "list",
-                "data": data,
-                "model": body.model,
-                "usage": {"prompt_tokens": n_tokens, "total_tokens": n_tokens},
-            }
-        )
+            inputs = [
+                await model.tokenize(item, add_special=True) if isinstance(item, str) else item
+                for item in items
+            ]
+            job = model.embed(inputs)  # holds the model until it ends
+        answer = await self._unless_gone(request, self._embedded(job, body), job.cancel)
+        return Response(status_code=499) if answer is None else JSONResponse(answer)
+
+    async def _embedded(self, job: Embedding, body: EmbeddingRequest) -> dict[str, Any]:
+        try:
+            vectors = await job.result()
+        except asyncio.CancelledError:
+            if self.shutdown.ended:  # cancelled past the grace period, not by the client
+                raise shutting_down() from None
+            raise
+        n_tokens = sum(len(tokens) for tokens in job.inputs)
+        return {
+            "object": "list",
+            "data": [
+                {"object": "embedding", "index": i, "embedding": _encode(vector, body)}
+                for i, vector in enumerate(vectors)
+            ],
+            "model": body.model,
+            "usage": {"prompt_tokens": n_tokens, "total_tokens": n_tokens},
+        }
 
 
 def _sse_data(obj: dict[str, Any]) -> str:

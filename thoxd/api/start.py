@@ -7,12 +7,15 @@ once. What comes back is submitted to the engine already; the caller only reads 
 
 from __future__ import annotations
 
-from collections.abc import Sequence
 from dataclasses import dataclass
 
 from thoxd.api.schemas import ChatRequest, CompletionRequest, GenerationBody
 from thoxd.engine import Delta, Engine, Generation, LoadedModel, SamplingParams
 from thoxd.errors import InvalidRequest, UnsupportedParameter
+
+# Prompts in one completions request: each takes a slot in turn, and the whole list is one entry
+# of the queue, so a bound keeps one request from holding a model for long.
+MAX_PROMPTS = 128
 
 
 @dataclass
@@ -56,11 +59,17 @@ async def start_completion(engine: Engine, body: CompletionRequest) -> Started:
             suffix = await model.tokenize(body.suffix, add_special=False)
         prompts: list[list[int]] = []
         echoes: list[str] = []
-        for prompt in split_prompts(body.prompt):
+        items = split_prompts(body.prompt)
+        if len(items) > MAX_PROMPTS:
+            raise InvalidRequest(
+                f"At most {MAX_PROMPTS} prompts per request ({len(items)} were sent).",
+                param="prompt",
+            )
+        for prompt in items:
             if isinstance(prompt, str):
                 tokens = await model.tokenize(prompt, add_special=suffix is None)
             else:
-                _check_token_ids(prompt, model.llama.n_vocab)
+                model.check_token_ids(prompt, "prompt")
                 tokens = list(prompt)
             if body.echo:
                 echoes.append(prompt if isinstance(prompt, str) else model.llama.detokenize(tokens))
@@ -89,11 +98,6 @@ def split_prompts(
             return [[t for t in prompt if isinstance(t, int)]]
         items.append(item)
     return items
-
-
-def _check_token_ids(tokens: Sequence[int], n_vocab: int) -> None:
-    if any(t >= n_vocab for t in tokens):
-        raise InvalidRequest(f"Token ids must be below {n_vocab}.", param="prompt")
 
 
 def sampling_params(model: LoadedModel, body: GenerationBody) -> SamplingParams:
@@ -126,21 +130,17 @@ def _submit(
     stop_tokens = model.stop_tokens(stops)
     limit = body.token_limit or model.spec.defaults.max_tokens
     started = Started(body.model, model, [])
-    try:
-        for i, tokens in enumerate(prompts):
-            room = model.n_ctx - len(tokens)
-            gen = Generation(
-                prompt=tokens,
-                params=params,
-                max_tokens=room if limit is None else min(limit, room),
-                stops=stops,
-                stop_tokens=stop_tokens,
-            )
-            if echoes is not None and echoes[i]:
-                gen.push(Delta(echoes[i]))  # queued before any token the engine sends
-            model.submit(gen)
-            started.generations.append(gen)
-    except BaseException:
-        started.cancel()  # all of a request's choices run, or none does
-        raise
+    for i, tokens in enumerate(prompts):
+        room = model.n_ctx - len(tokens)
+        gen = Generation(
+            prompt=tokens,
+            params=params,
+            max_tokens=room if limit is None else min(limit, room),
+            stops=stops,
+            stop_tokens=stop_tokens,
+        )
+        if echoes is not None and echoes[i]:
+            gen.push(Delta(echoes[i]))  # queued before any token the engine sends
+        started.generations.append(gen)
+    model.submit(*started.generations)  # one request, however many prompts: all run, or none
     return started

@@ -45,7 +45,8 @@ class SystemRoutes:
 
     async def health(self, request: Request) -> Response:
         """503 `loading` until the default model first serves, then 200 with slot and queue
-        counts; a default model unloaded later (keep_alive, memory) loads on the next request."""
+        counts; a default model unloaded later (keep_alive, memory) loads on the next request.
+        503 `error` (with the reason) while the default model failed to load, or gave up."""
         default_id = self.engine.catalog.get(self.default_model).id
         state = self.engine.state(default_id)
         ready = state == "loaded" or (state != "error" and self.engine.times_loaded(default_id))
@@ -58,8 +59,10 @@ class SystemRoutes:
                 "waiting": stats.waiting,
             }
         if not ready:
-            status = "error" if state == "error" else "loading"
-            return JSONResponse({"status": status, "model": default_id}, status_code=503)
+            body = {"status": "loading", "model": default_id}
+            if state == "error":
+                body.update(status="error", error=self.engine.error(default_id) or "unknown")
+            return JSONResponse(body, status_code=503)
         return JSONResponse(
             {"status": "ok", "model": default_id, "model_state": state, "models": models}
         )

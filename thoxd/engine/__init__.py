@@ -5,6 +5,8 @@
     Generation             one request for tokens and the channel its events come back by
     Delta, Finished, Failed, Timings
                            those events, and llama-server's timing fields (request.py)
+    Embedding              one embeddings request, embedded between steps (request.py, embed.py)
+    Faults                 the seam where tests make the engine fail (faults.py)
     SamplingParams         how a request's next tokens are picked (sampling.py)
     budget_bytes           the memory budget setting in bytes (memory.py)
     system_info, supports_gpu_offload
@@ -13,18 +15,21 @@
 The inner modules are the engine's own; tests and benchmarks may reach into them.
 """
 
+from thoxd.engine.faults import Faults
 from thoxd.engine.llama import supports_gpu_offload, system_info
 from thoxd.engine.memory import budget_bytes
 from thoxd.engine.model import EngineConfig, LoadedModel
-from thoxd.engine.request import Delta, Failed, Finished, Generation, Timings
+from thoxd.engine.request import Delta, Embedding, Failed, Finished, Generation, Timings
 from thoxd.engine.runtime import Engine
 from thoxd.engine.sampling import SamplingParams
 
 __all__ = [
     "Delta",
+    "Embedding",
     "Engine",
     "EngineConfig",
     "Failed",
+    "Faults",
     "Finished",
     "Generation",
     "LoadedModel",

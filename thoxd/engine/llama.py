@@ -183,14 +183,25 @@ class LlamaContext:
             params.n_outputs_max_per_seq = config.n_batch
             params.embeddings = True
             params.pooling_type = llama_cpp.LLAMA_POOLING_TYPE_NONE
-        ptr = llama_cpp.llama_init_from_model(model.ptr, params)
+        self.model = model
+        self._params = params
+        self.ptr = None
+        self._create()
+        self.n_ctx: int = llama_cpp.llama_n_ctx(self.ptr)
+        self.n_batch: int = llama_cpp.llama_n_batch(self.ptr)
+
+    def _create(self) -> None:
+        ptr = llama_cpp.llama_init_from_model(self.model.ptr, self._params)
         if not ptr:
             raise LlamaLoadError("llama.cpp could not create a context")
         self.ptr = ptr
-        self.model = model
-        self.n_ctx: int = llama_cpp.llama_n_ctx(ptr)
-        self.n_batch: int = llama_cpp.llama_n_batch(ptr)
         self.memory = llama_cpp.llama_get_memory(ptr)
+
+    def recreate(self) -> None:
+        """Free this context and make it again with the same parameters: after a failed step,
+        nothing of what llama.cpp held (cache cells, compute state) is trusted any more."""
+        self.close()
+        self._create()
 
     def close(self) -> None:
         if self.ptr:
@@ -260,6 +271,8 @@ class Batch:
     def add(self, token: int, pos: int, seq_id: int, *, logits: bool) -> int:
         """Append one token; returns its index in the batch (for sampling its logits)."""
         i = self.n_tokens
+        if i >= self.capacity:  # llama_batch's arrays end here: never write past them
+            raise IndexError(f"batch full ({self.capacity} tokens)")
         raw = self.raw
         raw.token[i] = token
         raw.pos[i] = pos

@@ -10,21 +10,20 @@ import logging
 import math
 import time
 from collections.abc import Callable, Iterator, Sequence
-from dataclasses import dataclass
+from dataclasses import dataclass, field
 from pathlib import Path
 from typing import Any
 
-import numpy as np
-
 from thoxd.catalog.entries import ModelSpec
-from thoxd.engine.llama import Batch, ContextConfig, LlamaContext, LlamaLoadError, LlamaModel
+from thoxd.engine.embed import Embedder
+from thoxd.engine.faults import Faults
+from thoxd.engine.llama import ContextConfig, LlamaContext, LlamaLoadError, LlamaModel
 from thoxd.engine.memory import MemoryEstimate
-from thoxd.engine.request import Finished, Generation
+from thoxd.engine.request import Embedding, Finished, Generation
 from thoxd.engine.scheduler import Scheduler, SchedulerStats
 from thoxd.engine.templates import ChatTemplate, TemplateInvalid
 from thoxd.errors import (
     ContextLengthExceeded,
-    EngineFailure,
     InvalidRequest,
     UnsupportedCapability,
 )
@@ -33,9 +32,6 @@ logger = logging.getLogger("thoxd.engine")
 
 # Prompts longer than this are tokenized off the event loop.
 _INLINE_TOKENIZE_CHARS = 4096
-# Embeddings are decoded this many tokens at a time: llama.cpp computes logits for every token
-# of a ubatch, so memory follows this, not the input's length.
-EMBED_BATCH = 64
 
 
 @dataclass(frozen=True)
@@ -48,6 +44,8 @@ class EngineConfig:
     memory_budget: int = 1 << 62  # bytes every loaded model may use together
     keep_alive: float = math.inf  # seconds idle before a model is unloaded
     draft_max: int = 15  # tokens drafted per sequence and step by prompt lookup; 0: none
+    faults: Faults = field(default_factory=Faults)  # tests' failure injection (engine/faults.py)
+    stop_timeout: float = 10.0  # seconds an engine thread may take to stop before it is left
 
     @property
     def max_outputs(self) -> int:
@@ -92,6 +90,7 @@ class LoadedModel:
         except LlamaLoadError:
             self.llama.close()
             raise
+        self._embedder = Embedder(self.llama, n_ctx=spec.n_ctx, threads=config.threads)
         self.scheduler = Scheduler(
             self.llama,
             self._ctx,
@@ -102,8 +101,9 @@ class LoadedModel:
             max_outputs=config.max_outputs,
             name=spec.id,
             on_finished=(lambda f: on_finished(spec.id, f)) if on_finished else None,
+            embedder=self._embedder,
+            faults=config.faults,
         )
-        self._embed_ctx: LlamaContext | None = None
         self.template = self._chat_template()
         self.scheduler.start()
 
@@ -170,64 +170,53 @@ class LoadedModel:
 
     # -- work ------------------------------------------------------------------------------
 
-    def submit(self, gen: Generation) -> None:
-        self.scheduler.submit(gen)  # QueueFull: never counted
-        self._users += 1
-        gen.on_end(self._release)
+    def submit(self, *gens: Generation) -> None:
+        """Queue one request's generations, all or none (QueueFull: none is counted)."""
+        self.scheduler.submit(gens)
+        for gen in gens:
+            self._users += 1
+            gen.on_end(self._release)
 
-    async def embed(self, tokens: list[int]) -> list[float]:
+    def embed(self, inputs: list[list[int]]) -> Embedding:
+        """Queue an embeddings request (each input's token ids); await its `result()`."""
         if "embeddings" not in self.spec.capabilities:
             raise UnsupportedCapability(
                 f"The model '{self.spec.id}' does not make embeddings.", param="model"
             )
-        if not tokens:
-            raise InvalidRequest("The input is empty.", param="input")
-        if len(tokens) > self.n_ctx:
-            raise ContextLengthExceeded(len(tokens) - 1, self.n_ctx, param="input")
-        with self.lease():
-            future = self.scheduler.run_job(lambda: self._embed_now(tokens))
-            result: list[float] = await asyncio.wrap_future(future)
-        return result
+        for tokens in inputs:
+            if not tokens:
+                raise InvalidRequest("The input is empty.", param="input")
+            if len(tokens) > self.n_ctx:
+                raise ContextLengthExceeded(len(tokens) - 1, self.n_ctx, param="input")
+            self.check_token_ids(tokens, "input")
+        job = Embedding(inputs)
+        self.scheduler.submit_embedding(job)
+        self._users += 1
+        job.on_end(self._release)
+        return job
 
-    def _embed_now(self, tokens: list[int]) -> list[float]:
-        """Runs on the scheduler thread: a second context over the same weights. The mean of
-        the token embeddings (what llama.cpp's mean pooling computes), normalised."""
-        if self._embed_ctx is None:
-            self._embed_ctx = LlamaContext(
-                self.llama,
-                ContextConfig(
-                    n_ctx=self.n_ctx,
-                    n_seq_max=1,
-                    n_batch=EMBED_BATCH,
-                    n_threads=self._config.threads,
-                    embeddings=True,
-                ),
+    def check_token_ids(self, tokens: Sequence[int], param: str) -> None:
+        """Token ids a client sent must name tokens of this model's vocabulary."""
+        if any(t < 0 or t >= self.llama.n_vocab for t in tokens):
+            raise InvalidRequest(
+                f"Token ids must be between 0 and {self.llama.n_vocab - 1} for this model.",
+                param=param,
             )
-        ctx = self._embed_ctx
-        ctx.clear()
-        total = np.zeros(self.llama.n_embd, dtype=np.float64)
-        batch = Batch(EMBED_BATCH)
-        try:
-            for start in range(0, len(tokens), EMBED_BATCH):
-                batch.clear()
-                chunk = tokens[start : start + EMBED_BATCH]
-                for k, token in enumerate(chunk):
-                    batch.add(token, start + k, 0, logits=True)
-                if ctx.decode(batch) != 0:
-                    raise EngineFailure("The model failed to embed this input.")
-                total += ctx.token_embeddings_sum(len(chunk))
-        finally:
-            batch.close()
-            ctx.clear()
-        norm = float(np.linalg.norm(total)) or 1.0
-        return [float(v) for v in total / norm]
+
+    @property
+    def failed(self) -> str | None:
+        """Why this model stopped serving (its engine thread gave up), or None."""
+        return self.scheduler.failed
 
     def stats(self) -> SchedulerStats:
         return self.scheduler.stats()
 
-    def close(self) -> None:
-        self.scheduler.stop()
-        for ctx in (self._embed_ctx, self._ctx):
-            if ctx is not None:
-                ctx.close()
+    def close(self) -> bool:
+        """Free everything; False (and nothing freed) if the engine thread did not stop: it may
+        still be inside llama.cpp, using the context and the weights."""
+        if not self.scheduler.stop(self._config.stop_timeout):
+            return False
+        self._embedder.close()
+        self._ctx.close()
         self.llama.close()
+        return True

@@ -1,8 +1,10 @@
-"""What crosses between the event loop and an engine thread: one Generation and its events.
+"""What crosses between the event loop and an engine thread: a Generation and its events, and
+an Embedding and its vectors.
 
-The event loop creates a Generation and submits it; the engine thread pushes events into it with
-`call_soon_threadsafe`; the event loop reads them with `async for`. Cancelling is a flag the
-engine thread checks before every step, plus a wake-up so a waiting request leaves at once.
+The event loop creates one and submits it; the engine thread hands results back with
+`call_soon_threadsafe`; the event loop reads them (`async for` over a Generation's events, `await`
+an Embedding's result). Cancelling is a flag the engine thread checks before every step, plus a
+wake-up so a waiting request leaves at once.
 """
 
 from __future__ import annotations
@@ -120,3 +122,62 @@ class Generation:
             yield event
             if not isinstance(event, Delta):
                 return
+
+
+@dataclass(eq=False)
+class Embedding:
+    """One embeddings request: each input's token ids; a vector per input comes back, or an error.
+
+    The engine thread embeds it a chunk at a time between generation steps, so the progress
+    through the current input lives here, written by that thread only."""
+
+    inputs: list[list[int]]
+    cancelled: bool = False
+    vectors: list[list[float]] = field(default_factory=list)
+    position: int = 0  # tokens of the current input embedded so far
+    total: Any = None  # their embeddings' sum (a numpy vector), engine thread only
+    _loop: asyncio.AbstractEventLoop = field(default_factory=asyncio.get_running_loop)
+    _result: asyncio.Future[list[list[float]]] = field(init=False)
+    _wake: Callable[[], None] = lambda: None
+    _on_end: list[Callable[[], None]] = field(default_factory=list)
+
+    def __post_init__(self) -> None:
+        self._result = self._loop.create_future()
+
+    def finish(self) -> None:
+        """Called from the engine thread once every input has its vector."""
+        self._settle(lambda: self._result.set_result(self.vectors))
+
+    def fail(self, error: ThoxdError) -> None:
+        """Called from the engine thread."""
+        self._settle(lambda: self._result.set_exception(error))
+
+    def drop(self) -> None:
+        """Called from the engine thread for a cancelled request: nobody waits for its result."""
+        self._settle(self._result.cancel)
+
+    def _settle(self, set_result: Callable[[], object]) -> None:
+        def settle() -> None:
+            if not self._result.done():
+                set_result()
+            callbacks, self._on_end = self._on_end, []
+            for callback in callbacks:
+                callback()
+
+        with contextlib.suppress(RuntimeError):  # a closed loop: nobody is listening
+            self._loop.call_soon_threadsafe(settle)
+
+    def on_end(self, callback: Callable[[], None]) -> None:
+        """Call `callback` on the event loop once this request has ended, however it ends."""
+        self._on_end.append(callback)
+
+    def cancel(self) -> None:
+        """Called from the event loop; the engine drops this request before its next chunk."""
+        if not self.cancelled:
+            self.cancelled = True
+            self._wake()
+
+    async def result(self) -> list[list[float]]:
+        # Shielded: a caller that is cancelled (its client left) does not settle it for the
+        # engine, which still ends it, and so releases the model.
+        return await asyncio.shield(self._result)

@@ -10,7 +10,12 @@ Residency rules (README, "Models"):
 - a model with a running, queued or starting request is never evicted; a pinned one only goes
   when unloaded explicitly; keep_alive unloads an idle model after its time;
 - a failed load leaves every resident model serving: the file is checked (gate, sha256, and
-  llama.cpp's own reading of its header when the load would evict) before anything is evicted.
+  llama.cpp's own reading of its header when the load would evict) before anything is evicted;
+  whatever made it fail, the model's state is `error` with the reason until a load succeeds;
+- a model whose engine thread gave up (thoxd.engine.scheduler) is `error` with the reason, is
+  unloaded once idle, and loads afresh on the next request;
+- a model is freed only once its engine thread has stopped: one still inside llama.cpp at
+  shutdown is left to the process's exit (`Engine.stuck`).
 All of this runs on the event loop; only the loads and unloads themselves go to threads.
 """
 
@@ -18,6 +23,7 @@ from __future__ import annotations
 
 import asyncio
 import contextlib
+import errno
 import logging
 import math
 import time
@@ -29,9 +35,10 @@ from pathlib import Path
 from thoxd.catalog.entries import Catalog, ModelSpec
 from thoxd.catalog.files import ModelFileError, ensure_model_file, model_path
 from thoxd.catalog.gguf import GGUFRejected, check_gguf
+from thoxd.engine.embed import EMBED_BATCH
 from thoxd.engine.llama import LlamaLoadError, backend_init, probe_model, route_llama_logs
 from thoxd.engine.memory import MemoryEstimate, estimate_memory
-from thoxd.engine.model import EMBED_BATCH, EngineConfig, LoadedModel
+from thoxd.engine.model import EngineConfig, LoadedModel
 from thoxd.engine.request import Finished
 from thoxd.errors import (
     EngineFailure,
@@ -39,6 +46,7 @@ from thoxd.errors import (
     MemoryBusy,
     ModelBusy,
     ModelFileRejected,
+    ThoxdError,
 )
 from thoxd.units import format_bytes
 
@@ -65,7 +73,8 @@ class Engine:
         self._loaded: dict[str, LoadedModel] = {}
         self._loading: dict[str, asyncio.Task[LoadedModel]] = {}
         self._reserved: dict[str, int] = {}  # bytes held for loads in progress
-        self._unloading: set[asyncio.Task[None]] = set()
+        self._unloading: set[asyncio.Task[bool]] = set()
+        self.stuck = False  # an engine thread did not stop, so its model was never freed
         self._errors: dict[str, str] = {}
         self._load_counts: Counter[str] = Counter()
         self._started = False
@@ -89,11 +98,15 @@ class Engine:
     def state(self, model_id: str) -> str:
         if model_id in self._loading:
             return "loading"
-        if model_id in self._loaded:
-            return "loaded"
+        model = self._loaded.get(model_id)
+        if model is not None:
+            return "error" if model.failed else "loaded"
         return "error" if model_id in self._errors else "unloaded"
 
     def error(self, model_id: str) -> str | None:
+        model = self._loaded.get(model_id)
+        if model is not None and model.failed:
+            return model.failed
         return self._errors.get(model_id)
 
     def loaded(self) -> list[LoadedModel]:
@@ -131,6 +144,12 @@ class Engine:
         """Load (or join the load of) a catalog model; 404 for a name the catalog lacks."""
         spec = self.catalog.get(name)
         model = self._loaded.get(spec.id)
+        if model is not None and model.failed:
+            self._errors[spec.id] = model.failed
+            if model.busy:  # requests still hold it; the reaper unloads it once they let go
+                raise EngineFailure(f"The model '{spec.id}' failed ({model.failed}); retry.")
+            self._unload_now(model)  # its thread has ended: freeing it is safe
+            model = None
         if model is not None and (model.spec == spec or model.busy):
             # A changed entry takes over once the old model is idle: nothing is cut short.
             return model
@@ -172,6 +191,14 @@ class Engine:
             self._errors[spec.id] = "llama.cpp could not load the file"
             logger.error("model %s failed to load: %s", spec.id, exc)
             raise EngineFailure(f"The model '{spec.id}' failed to load.") from None
+        except ThoxdError:
+            raise
+        except Exception as exc:  # anything else (a full disk, a bug): say so, stay usable
+            self._errors[spec.id] = _load_failure(exc)
+            logger.exception("model %s failed to load", spec.id)
+            raise EngineFailure(
+                f"The model '{spec.id}' failed to load: {self._errors[spec.id]}."
+            ) from None
         finally:
             self._loading.pop(spec.id, None)
             self._reserved.pop(spec.id, None)
@@ -194,6 +221,7 @@ class Engine:
 
     def _prepare(self, spec: ModelSpec) -> Prepared:
         """Off the loop: the file (assembled, sha256 checked), the gate, the estimate."""
+        self.config.faults.load(spec.id)
         path = ensure_model_file(spec, self.config.models_dir)
         return Prepared(path, self._estimate(spec, path))
 
@@ -273,7 +301,12 @@ class Engine:
         del self._loaded[model.spec.id]
         task = asyncio.create_task(asyncio.to_thread(model.close))
         self._unloading.add(task)
-        task.add_done_callback(self._unloading.discard)
+        task.add_done_callback(self._unloaded)
+
+    def _unloaded(self, task: asyncio.Task[bool]) -> None:
+        self._unloading.discard(task)
+        if task.cancelled() or task.exception() is not None or not task.result():
+            self.stuck = True
 
     async def _settled(self) -> None:
         """Until every unload in progress has freed its memory."""
@@ -288,6 +321,11 @@ class Engine:
             wait = _REAP_INTERVAL
             for model in list(self._loaded.values()):
                 if model.busy:
+                    continue
+                if model.failed:
+                    logger.info("model %s failed (%s): unloading", model.spec.id, model.failed)
+                    self._errors[model.spec.id] = model.failed
+                    self._unload_now(model)
                     continue
                 if self._stale(model):
                     logger.info("model %s: its catalog entry changed; unloading", model.spec.id)
@@ -348,4 +386,12 @@ class Engine:
         models, self._loaded = list(self._loaded.values()), {}
         await self._settled()
         for model in models:
-            await asyncio.to_thread(model.close)
+            if not await asyncio.to_thread(model.close):
+                self.stuck = True
+
+
+def _load_failure(exc: Exception) -> str:
+    """A reason for a failed load that a client may read: no paths, no library text."""
+    if isinstance(exc, OSError) and exc.errno is not None:
+        return f"a file operation failed ({errno.errorcode.get(exc.errno, exc.errno)})"
+    return f"an unexpected {type(exc).__name__}"

@@ -13,9 +13,15 @@ by one context's worth of tokens; past it, the least recently used go.
 
 A sequence's next token may come with drafts from prompt lookup (thoxd.engine.drafts), checked
 as extra output rows of the same step, as many as the step costs measured at start say pay off.
+Embeddings run between steps, a chunk per round (thoxd.engine.embed).
+
+A request is one entry of the bounded queue however many prompts it has. A step that fails
+(llama_decode's error, or any exception) fails the requests it held with `engine_error`, and the
+context is made again; after `MAX_FAILURES` failures in a row, or if the context cannot be made,
+the model is marked failed with the reason and the thread ends (the Engine reloads it on demand).
 
 Nothing here blocks the event loop: requests arrive through a locked deque, events leave through
-`Generation.push`. Other work that must own the context (embeddings) runs between steps as jobs.
+`Generation.push`.
 """
 
 from __future__ import annotations
@@ -23,11 +29,8 @@ from __future__ import annotations
 import logging
 import threading
 import time
-from collections import deque
-from collections.abc import Callable
-from concurrent.futures import Future
+from collections.abc import Callable, Sequence
 from dataclasses import dataclass
-from typing import Any
 
 from thoxd.engine.drafts import (
     Acceptance,
@@ -37,18 +40,23 @@ from thoxd.engine.drafts import (
     propose,
     row_counts,
 )
+from thoxd.engine.embed import Embedder
+from thoxd.engine.faults import Faults
 from thoxd.engine.llama import Batch, LlamaContext, LlamaModel
-from thoxd.engine.request import Delta, Failed, Finished, Generation, Timings
+from thoxd.engine.queue import WaitQueue
+from thoxd.engine.request import Embedding, Failed, Finished, Generation
 from thoxd.engine.sampling import Sampler
-from thoxd.engine.slots import Running, Slot, advance, park_idle, pick_slot
+from thoxd.engine.slots import Running, Slot, advance, park_idle, pick_slot, release
 from thoxd.engine.text import TextAssembler
-from thoxd.errors import EngineFailure, QueueFull, ShuttingDown
+from thoxd.errors import EngineFailure, ShuttingDown, ThoxdError
 
 logger = logging.getLogger("thoxd.engine")
 
 # Prompt tokens left below which a prompt shares a step with another prompt's prefill: about
 # where its prefill costs as much as the step it would otherwise wait for (~1 ms a token here).
 SHORT_PREFILL = 16
+# Failed steps in a row after which the model is given up on (each one re-creates the context).
+MAX_FAILURES = 3
 
 
 @dataclass(frozen=True)
@@ -72,21 +80,27 @@ class Scheduler:
         draft_max: int = 0,
         max_outputs: int = 0,
         on_finished: Callable[[Finished], None] | None = None,
+        embedder: Embedder | None = None,
+        faults: Faults | None = None,
     ) -> None:
+        self._name = name
         self._model = model
         # Called on this thread with each finished generation (metrics); must be quick.
         self._on_finished = on_finished
         self._ctx = ctx
         self._n_ctx_seq = n_ctx_seq
-        self._queue_size = queue_size
         self._slots = [Slot(seq_id=i) for i in range(n_slots)]
         self._park_cap = n_ctx_seq  # tokens parked in host memory, over all idle slots
         self._batch = Batch(ctx.n_batch)
         self._draft_max = draft_max if model.rewindable else 0
         self._max_outputs = min(max_outputs or n_slots, ctx.n_batch)
         self._costs = StepCosts({})  # measured when the thread starts, if drafts are on
-        self._waiting: deque[Generation] = deque()
-        self._jobs: deque[tuple[Callable[[], Any], Future[Any]]] = deque()
+        self._queue = WaitQueue(queue_size)
+        self._embedder = embedder
+        self._faults = faults or Faults()
+        self._failures = 0  # failed steps in a row
+        self._turn = 0  # which decoding sequence goes first when they outnumber the batch
+        self.failed: str | None = None  # why the model was given up on
         self._cond = threading.Condition()
         self._stopping = False
         self._thread = threading.Thread(target=self._run, name=f"thoxd-engine-{name}", daemon=True)
@@ -96,42 +110,49 @@ class Scheduler:
     def start(self) -> None:
         self._thread.start()
 
-    def submit(self, gen: Generation) -> None:
-        """Queue a generation; raises QueueFull past the bound, never blocks."""
+    def submit(self, gens: Sequence[Generation]) -> None:
+        """Queue one request's generations (a completion may have several prompts) as one entry;
+        raises QueueFull past the bound, never blocks. All of them are queued, or none."""
         with self._cond:
-            if self._stopping:
-                raise ShuttingDown("The server is shutting down.")
-            idle = sum(1 for s in self._slots if s.run is None)
-            if len(self._waiting) >= self._queue_size + idle:
-                raise QueueFull(len(self._waiting))
-            gen._wake = self._wake
-            self._waiting.append(gen)
+            self._check_open()
+            self._queue.add(gens, sum(1 for s in self._slots if s.run is None))
+            for gen in gens:
+                gen._wake = self._wake
             self._cond.notify()
 
-    def run_job(self, fn: Callable[[], Any]) -> Future[Any]:
-        """Run `fn` on the engine thread between two steps."""
-        future: Future[Any] = Future()
+    def submit_embedding(self, job: Embedding) -> None:
+        """Queue an embeddings request; raises QueueFull past the bound."""
         with self._cond:
-            if self._stopping:
-                raise ShuttingDown("The server is shutting down.")
-            self._jobs.append((fn, future))
+            self._check_open()
+            self._queue.add_embedding(job)
+            job._wake = self._wake
             self._cond.notify()
-        return future
+
+    def _check_open(self) -> None:
+        if self.failed is not None:
+            raise EngineFailure(f"The model '{self._name}' failed: {self.failed}.")
+        if self._stopping:
+            raise ShuttingDown("The server is shutting down.")
 
     def stats(self) -> SchedulerStats:
         running = sum(1 for s in self._slots if s.run is not None)
         parked = sum(1 for s in self._slots if s.parked is not None)
-        return SchedulerStats(len(self._slots), running, len(self._waiting), parked)
+        return SchedulerStats(len(self._slots), running, self._queue.waiting(), parked)
 
-    def stop(self, timeout: float = 10.0) -> None:
+    def stop(self, timeout: float = 10.0) -> bool:
+        """Stop the thread; False if it is still inside llama.cpp after `timeout` (a decode that
+        does not return): then nothing it uses may be freed."""
         with self._cond:
             self._stopping = True
             self._cond.notify()
         self._thread.join(timeout)
-        if self._thread.is_alive():  # pragma: no cover - a decode that never returns
-            logger.error("engine thread did not stop within %.0f s", timeout)
-            return
+        if self._thread.is_alive():
+            logger.error(
+                "model %s: the engine thread did not stop within %g s", self._name, timeout
+            )
+            return False
         self._batch.close()
+        return True
 
     def _wake(self) -> None:
         with self._cond:
@@ -147,27 +168,37 @@ class Scheduler:
                 self._costs = measure_step_costs(self._ctx, self._batch, sizes, 0, token)
             while self._next_round():
                 pass
-        except Exception:  # pragma: no cover - a bug; fail loudly but tell every client
-            logger.exception("engine thread failed")
+        except Exception:  # outside a step (a bug): fail loudly, and tell every client
+            logger.exception("model %s: the engine thread failed", self._name)
+            self.failed = "an internal error"
         finally:
-            self._abandon_all()
+            error: ThoxdError = ShuttingDown("The server is shutting down.")
+            if self.failed is not None:
+                error = EngineFailure(f"The model '{self._name}' failed: {self.failed}.")
+            self._abandon_all(error)
 
     def _next_round(self) -> bool:
         with self._cond:
-            while not (self._stopping or self._waiting or self._jobs or self._busy()):
+            while not (self._stopping or self._queue or self._busy()):
                 self._cond.wait()
             if self._stopping:
                 return False
-            admitted = self._take_admissible(admit=not self._first_token_due())
-            job = self._jobs.popleft() if self._jobs else None
+            idle = 0 if self._first_token_due() else sum(1 for s in self._slots if s.run is None)
+            admitted = self._queue.take(idle)
+            embedding = self._queue.embedding()
         alone = len(admitted) == 1 and not self._busy()
-        for gen in admitted:
-            self._admit(gen, alone)
-        if job is not None:
-            self._run_job(*job)
-        self._reap_cancelled()
-        if self._busy():
-            self._step()
+        try:
+            while admitted:
+                self._admit(admitted[0], alone)
+                admitted.pop(0)
+            if embedding is not None:
+                self._embed_chunk(embedding)
+            self._reap_cancelled()
+            if self._busy():
+                self._step()
+                self._failures = 0
+        except Exception as exc:
+            return self._recover(exc, admitted)
         return True
 
     def _busy(self) -> bool:
@@ -183,16 +214,25 @@ class Scheduler:
             for s in self._slots
         )
 
-    def _take_admissible(self, admit: bool) -> list[Generation]:
-        # A cancelled request leaves the queue at once, even while every slot is busy.
-        for gen in [g for g in self._waiting if g.cancelled]:
-            self._waiting.remove(gen)
-            gen.push(Finished("cancelled", len(gen.prompt), 0, Timings()))
-        idle = sum(1 for s in self._slots if s.run is None) if admit else 0
-        taken: list[Generation] = []
-        while self._waiting and len(taken) < idle:
-            taken.append(self._waiting.popleft())
-        return taken
+    def _embed_chunk(self, job: Embedding) -> None:
+        """One chunk of `job`; a failure ends that request only (the embeddings context is
+        separate from the generations')."""
+        assert self._embedder is not None
+        try:
+            self._faults.embed(self._name, len(job.inputs[len(job.vectors)]))
+            done = self._embedder.step(job)
+        except Exception as exc:
+            logger.error("model %s: an embedding failed: %r", self._name, exc)
+            self._embedder.reset()
+            done = True
+            failure = exc if isinstance(exc, ThoxdError) else None
+            job.fail(failure or EngineFailure("The model failed to embed this input."))
+        else:
+            if done:
+                job.finish()
+        if done:
+            with self._cond:
+                self._queue.embedding_done(job)
 
     def _admit(self, gen: Generation, alone: bool) -> None:
         now = time.monotonic()
@@ -223,20 +263,13 @@ class Scheduler:
             acceptance=Acceptance(self._draft_max + 1),
         )
 
-    def _run_job(self, fn: Callable[[], Any], future: Future[Any]) -> None:
-        if not future.set_running_or_notify_cancel():
-            return
-        try:
-            future.set_result(fn())
-        except BaseException as exc:
-            future.set_exception(exc)
-
     def _reap_cancelled(self) -> None:
         for slot in self._slots:
             if slot.run is not None and slot.run.gen.cancelled:
                 self._finish(slot, "cancelled")
 
     def _step(self) -> None:
+        self._faults.step(self._name)
         park_idle(self._slots, self._ctx, self._park_cap)
         batch = self._batch
         batch.clear()
@@ -246,10 +279,16 @@ class Scheduler:
         running = [s for s in self._slots if s.run is not None]
         decoding = [s for s in running if s.run is not None and not s.run.pending]
         prefill = len(decoding) < len(running)
-        for slot, (guesses, n) in zip(decoding, self._guesses(decoding, prefill), strict=True):
+        if len(decoding) > batch.capacity:  # more slots than the batch holds: take turns
+            first = self._turn % len(decoding)
+            decoding = (decoding[first:] + decoding[:first])[: batch.capacity]
+            self._turn += batch.capacity
+        guessed = self._guesses(decoding, prefill)
+        for i, (slot, (guesses, n)) in enumerate(zip(decoding, guessed, strict=True)):
             run = slot.run
             assert run is not None
             start = len(slot.cached)
+            n = min(n, batch.room - (len(decoding) - i))  # every sequence keeps its own row
             tokens = [run.last_token, *guesses[:n]]
             rows = [batch.add(t, start + k, slot.seq_id, logits=True) for k, t in enumerate(tokens)]
             outputs.append((slot, rows, guesses[:n]))
@@ -277,10 +316,11 @@ class Scheduler:
             else:
                 batch.add_sequence(chunk, len(slot.cached), slot.seq_id)
             slot.cached.extend(chunk)
-        rc = self._ctx.decode(batch)
+        rc = self._faults.decode(self._name, batch.n_tokens)
+        if rc is None:
+            rc = self._ctx.decode(batch)
         if rc != 0:
-            self._fail_batch(running, rc)
-            return
+            raise EngineFailure(f"llama_decode returned {rc}")
         for slot, rows, drafts in outputs:
             reason = advance(slot, self._ctx, self._model, rows, drafts, self._n_ctx_seq)
             if reason is not None:
@@ -304,26 +344,7 @@ class Scheduler:
     def _finish(self, slot: Slot, reason: str) -> None:
         run = slot.run
         assert run is not None
-        now = time.monotonic()
-        if reason != "cancelled" and not run.text.stopped:
-            rest = run.text.flush()
-            if rest:
-                run.gen.push(Delta(rest))
-        first = run.first_token_at or now
-        timings = Timings(
-            cache_n=run.cache_n,
-            prompt_n=len(run.gen.prompt) - run.cache_n,
-            prompt_ms=(first - run.admitted_at) * 1000.0,
-            predicted_n=run.generated,
-            predicted_ms=(now - first) * 1000.0,
-            queue_ms=(run.admitted_at - run.gen.submitted_at) * 1000.0,
-            draft_n=run.draft_n,
-            draft_n_accepted=run.draft_accepted,
-        )
-        run.sampler.close()
-        slot.run = None
-        slot.last_used = now
-        finished = Finished(reason, len(run.gen.prompt), run.generated, timings)
+        finished = release(slot, reason)
         if self._on_finished is not None:
             try:
                 self._on_finished(finished)
@@ -332,29 +353,48 @@ class Scheduler:
         # Last: whoever reads Finished sees the slot already free.
         run.gen.push(finished)
 
-    def _fail_batch(self, running: list[Slot], rc: int) -> None:
-        logger.error("llama_decode failed (rc=%d) for %d sequences", rc, len(running))
-        error = EngineFailure("The model failed to decode this request.")
-        for slot in running:
-            run = slot.run
-            assert run is not None
-            run.sampler.close()
-            slot.run = None
-            self._ctx.seq_rm(slot.seq_id, -1)
+    def _recover(self, exc: Exception, unadmitted: list[Generation]) -> bool:
+        """After a failed round: the context is made again and the round's requests get
+        engine_error. False (the thread ends) once the model is given up on."""
+        self._failures += 1
+        logger.error(
+            "model %s: a step failed (%d in a row): %s",
+            self._name,
+            self._failures,
+            exc.message if isinstance(exc, ThoxdError) else repr(exc),
+            exc_info=None if isinstance(exc, ThoxdError) else exc,
+        )
+        failed = list(unadmitted)
+        for slot in self._slots:
+            if slot.run is not None:
+                slot.run.sampler.close()
+                failed.append(slot.run.gen)
+                slot.run = None
             slot.cached.clear()
-            run.gen.push(Failed(error))
+            slot.parked = None
+        if self._failures >= MAX_FAILURES:
+            self.failed = f"{self._failures} steps in a row failed"
+        else:
+            try:
+                self._ctx.recreate()
+                logger.info("model %s: context re-created; serving again", self._name)
+            except Exception:
+                logger.exception("model %s: the context could not be made again", self._name)
+                self.failed = "llama.cpp could not re-create its context"
+        # Last: whoever reads the error sees the model as it now is.
+        error = EngineFailure("The model failed while generating this request.")
+        for gen in failed:
+            gen.push(Failed(error))
+        return self.failed is None
 
-    def _abandon_all(self) -> None:
-        error = ShuttingDown("The server is shutting down.")
+    def _abandon_all(self, error: ThoxdError) -> None:
         with self._cond:
             self._stopping = True
-            waiting, self._waiting = list(self._waiting), deque()
-            jobs, self._jobs = list(self._jobs), deque()
+            waiting, embeds = self._queue.drain()
         for gen in waiting:
             gen.push(Failed(error))
-        for _fn, future in jobs:
-            if future.set_running_or_notify_cancel():
-                future.set_exception(error)
+        for job in embeds:
+            job.fail(error)
         for slot in self._slots:
             if slot.run is not None:
                 slot.run.gen.push(Failed(error))

@@ -14,7 +14,7 @@ from dataclasses import dataclass, field
 
 from thoxd.engine.drafts import Acceptance, Lookup
 from thoxd.engine.llama import LlamaContext, LlamaModel
-from thoxd.engine.request import Delta, Generation
+from thoxd.engine.request import Delta, Finished, Generation, Timings
 from thoxd.engine.sampling import Sampler
 from thoxd.engine.text import TextAssembler
 
@@ -87,6 +87,33 @@ def advance(
     if reason is None:
         run.last_token = token
     return reason
+
+
+def release(slot: Slot, reason: str) -> Finished:
+    """Free a slot whose request has ended: the text held back for stop strings goes out (unless
+    cancelled), and its timings are taken. The caller pushes the Finished."""
+    run = slot.run
+    assert run is not None
+    now = time.monotonic()
+    if reason != "cancelled" and not run.text.stopped:
+        rest = run.text.flush()
+        if rest:
+            run.gen.push(Delta(rest))
+    first = run.first_token_at or now
+    timings = Timings(
+        cache_n=run.cache_n,
+        prompt_n=len(run.gen.prompt) - run.cache_n,
+        prompt_ms=(first - run.admitted_at) * 1000.0,
+        predicted_n=run.generated,
+        predicted_ms=(now - first) * 1000.0,
+        queue_ms=(run.admitted_at - run.gen.submitted_at) * 1000.0,
+        draft_n=run.draft_n,
+        draft_n_accepted=run.draft_accepted,
+    )
+    run.sampler.close()
+    slot.run = None
+    slot.last_used = now
+    return Finished(reason, len(run.gen.prompt), run.generated, timings)
 
 
 def _take(

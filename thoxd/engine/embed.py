@@ -1,0 +1,78 @@
+"""Embeddings on a model's engine thread, one chunk at a time between generation steps.
+
+A second llama.cpp context over the same weights (made on first use) decodes `EMBED_BATCH` tokens
+of the current input per call; their per-token embeddings are summed as they come, and the mean,
+normalised, is the input's vector (what llama.cpp's mean pooling computes). Chunking keeps memory
+flat whatever the input's length (llama.cpp computes logits for every token of a ubatch), lets
+running streams keep their pace (one chunk costs about one step), and lets a request that was
+cancelled stop after the chunk in hand.
+"""
+
+from __future__ import annotations
+
+import numpy as np
+
+from thoxd.engine.llama import Batch, ContextConfig, LlamaContext, LlamaModel
+from thoxd.engine.request import Embedding
+from thoxd.errors import EngineFailure
+
+# Tokens per embedding decode: memory follows this, not the input's length.
+EMBED_BATCH = 64
+
+
+class Embedder:
+    def __init__(self, model: LlamaModel, *, n_ctx: int, threads: int) -> None:
+        self._model = model
+        self._n_ctx = n_ctx
+        self._threads = threads
+        self._ctx: LlamaContext | None = None
+        self._batch: Batch | None = None
+
+    def step(self, job: Embedding) -> bool:
+        """Embed the next chunk of `job`'s current input; True once every input has its vector.
+        A failed decode raises EngineFailure and leaves the context empty for the next job."""
+        ctx, batch = self._context()
+        tokens = job.inputs[len(job.vectors)]
+        if job.position == 0:  # a new input: its positions start at 0 in an empty cache
+            ctx.clear()
+            job.total = np.zeros(self._model.n_embd, dtype=np.float64)
+        chunk = tokens[job.position : job.position + EMBED_BATCH]
+        batch.clear()
+        for k, token in enumerate(chunk):
+            batch.add(token, job.position + k, 0, logits=True)
+        if ctx.decode(batch) != 0:
+            ctx.clear()
+            raise EngineFailure("The model failed to embed this input.")
+        job.total += ctx.token_embeddings_sum(len(chunk))
+        job.position += len(chunk)
+        if job.position == len(tokens):
+            norm = float(np.linalg.norm(job.total)) or 1.0
+            job.vectors.append([float(v) for v in job.total / norm])
+            job.position, job.total = 0, None
+        return len(job.vectors) == len(job.inputs)
+
+    def reset(self) -> None:
+        """After a failure: the next chunk starts from an empty cache."""
+        if self._ctx is not None:
+            self._ctx.clear()
+
+    def _context(self) -> tuple[LlamaContext, Batch]:
+        if self._ctx is None or self._batch is None:
+            self._ctx = LlamaContext(
+                self._model,
+                ContextConfig(
+                    n_ctx=self._n_ctx,
+                    n_seq_max=1,
+                    n_batch=EMBED_BATCH,
+                    n_threads=self._threads,
+                    embeddings=True,
+                ),
+            )
+            self._batch = Batch(EMBED_BATCH)
+        return self._ctx, self._batch
+
+    def close(self) -> None:
+        if self._batch is not None:
+            self._batch.close()
+        if self._ctx is not None:
+            self._ctx.close()

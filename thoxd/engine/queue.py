@@ -1,0 +1,80 @@
+"""What waits for a model's engine thread: generations for a slot, and embeddings requests.
+
+Both are FIFO and bounded. A request is one entry however many prompts it has (a completion with a
+list of prompts is one request to its client), and a cancelled request stops counting against
+the bound at once, before the engine thread has taken it out. Past the bound: QueueFull (503 with
+Retry-After).
+
+Not thread-safe on its own: the scheduler calls it under its lock.
+"""
+
+from __future__ import annotations
+
+from collections import deque
+from collections.abc import Sequence
+
+from thoxd.engine.request import Embedding, Finished, Generation, Timings
+from thoxd.errors import QueueFull
+
+
+class WaitQueue:
+    def __init__(self, size: int) -> None:
+        self.size = size
+        self._entries: deque[list[Generation]] = deque()  # each: a request's waiting prompts
+        self._embeds: deque[Embedding] = deque()  # the first one is being worked on
+
+    def __bool__(self) -> bool:
+        return bool(self._entries or self._embeds)
+
+    def waiting(self) -> int:
+        """Generations and embeddings requests not yet running (cancelled ones included until
+        the engine thread has taken them out)."""
+        return sum(len(entry) for entry in self._entries) + len(self._embeds)
+
+    def add(self, gens: Sequence[Generation], idle_slots: int) -> None:
+        """One request's generations, all or none; `idle_slots` of them start at once."""
+        queued = sum(1 for entry in self._entries if not all(g.cancelled for g in entry))
+        if queued >= self.size + idle_slots:
+            raise QueueFull(queued)
+        self._entries.append(list(gens))
+
+    def add_embedding(self, job: Embedding) -> None:
+        """One runs and `size` may wait."""
+        queued = sum(1 for e in self._embeds if not e.cancelled)
+        if queued > self.size:
+            raise QueueFull(queued - 1)
+        self._embeds.append(job)
+
+    def take(self, n: int) -> list[Generation]:
+        """Up to `n` generations in order, after the cancelled ones have left (told so)."""
+        for entry in self._entries:
+            for gen in [g for g in entry if g.cancelled]:
+                entry.remove(gen)
+                gen.push(Finished("cancelled", len(gen.prompt), 0, Timings()))
+        taken: list[Generation] = []
+        while self._entries and len(taken) < n:
+            entry = self._entries[0]
+            if entry:
+                taken.append(entry.pop(0))
+            if not entry:
+                self._entries.popleft()
+        while self._entries and not self._entries[0]:
+            self._entries.popleft()
+        return taken
+
+    def embedding(self) -> Embedding | None:
+        """The embeddings request to work on now; cancelled ones are dropped first."""
+        while self._embeds and self._embeds[0].cancelled:
+            self._embeds.popleft().drop()
+        return self._embeds[0] if self._embeds else None
+
+    def embedding_done(self, job: Embedding) -> None:
+        self._embeds.remove(job)
+
+    def drain(self) -> tuple[list[Generation], list[Embedding]]:
+        """Everything still waiting, taken out (at shutdown, or when the model fails)."""
+        gens = [g for entry in self._entries for g in entry]
+        embeds = list(self._embeds)
+        self._entries.clear()
+        self._embeds.clear()
+        return gens, embeds
