@@ -273,6 +273,25 @@ ERROR_CASES: list[tuple[str, str | bytes, str | None, str, str | None]] = [
     ("not json", "{not json", None, "invalid_value", None),
     ("not an object", "[1, 2]", None, "invalid_value", None),
     ("binary", json.dumps(CHAT_X).encode(), None, "invalid_value", None),
+    # Raw JSON text with "\ud800", a lone surrogate: not Unicode, so never used nor echoed.
+    ("surrogate in prompt", r'{"model": "thox-coder", "prompt": "a\ud800", "id": "s1"}', "s1",
+     "invalid_value", "prompt"),
+    ("surrogate in messages", r'{"model": "thox-coder", "messages": [{"role": "user",'
+     r' "content": "\udc00"}], "id": "s2"}', "s2", "invalid_value", "messages[0].content"),
+    ("surrogate in id", r'{"model": "thox-coder", "prompt": "a", "id": "s\ud800"}', None,
+     "invalid_value", "id"),
+    ("surrogate in cancel id", r'{"type": "cancel", "id": "\ud800"}', None, "invalid_value",
+     "id"),
+    ("surrogate in a key", r'{"model": "thox-coder", "prompt": "a", "id": "s3", "\ud800": 1}',
+     "s3", "invalid_value", None),
+    ("keep_alive 10**400", json.dumps({**CHAT_X, "keep_alive": 10**400, "id": "k1"}), "k1",
+     "invalid_value", "keep_alive"),
+    ("keep_alive -10**400", json.dumps({**CHAT_X, "keep_alive": -(10**400), "id": "k2"}), "k2",
+     "invalid_value", "keep_alive"),
+    ("keep_alive of 100 000 digits", json.dumps({**CHAT_X, "keep_alive": "1" * 100_000 + "x",
+     "id": "k3"}), "k3", "invalid_value", "keep_alive"),
+    ("token id 2**32", json.dumps({**COUNTING, "prompt": [2**32], "id": "t1"}), "t1",
+     "invalid_value", "prompt"),
 ]  # fmt: skip
 
 

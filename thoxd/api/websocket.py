@@ -41,7 +41,7 @@ from typing import Any
 from starlette.routing import BaseRoute, WebSocketRoute
 from starlette.websockets import WebSocket, WebSocketDisconnect, WebSocketDisconnected
 
-from thoxd.api.schemas import ChatRequest, CompletionRequest, parse
+from thoxd.api.schemas import ChatRequest, CompletionRequest, has_lone_surrogate, parse
 from thoxd.api.shapes import new_id, usage
 from thoxd.api.start import Started, split_prompts, start_chat, start_completion
 from thoxd.engine import Delta, Engine, Failed
@@ -145,6 +145,10 @@ class _Connection:
             isinstance(given_id, str) and 0 < len(given_id) <= MAX_ID_CHARS
         ):
             message = f"'id' must be a string of 1 to {MAX_ID_CHARS} characters."
+            await self.send_error(None, InvalidRequest(message, param="id"))
+        elif given_id is not None and has_lone_surrogate(given_id):
+            # Every event echoes the id: one that cannot be sent as UTF-8 is never used.
+            message = "'id' holds a lone surrogate (a \\ud800-\\udfff escape without its pair)."
             await self.send_error(None, InvalidRequest(message, param="id"))
         elif kind == "request":
             await self.start(given_id, data)
