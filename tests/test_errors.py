@@ -4,22 +4,28 @@ from __future__ import annotations
 
 import pytest
 
+import thoxd.errors
 from thoxd.errors import (
+    AmbiguousFraming,
     ContextLengthExceeded,
     EngineFailure,
     InsufficientMemory,
+    InvalidHost,
     InvalidRequest,
     MemoryBusy,
     ModelBusy,
     ModelFileRejected,
     ModelNotFound,
     NotFound,
+    OriginNotAllowed,
     PayloadTooLarge,
     QueueFull,
     ShuttingDown,
     ThoxdError,
+    TooManyConnections,
     Unavailable,
     UnsupportedCapability,
+    UnsupportedMediaType,
 )
 
 
@@ -41,6 +47,11 @@ from thoxd.errors import (
         (MemoryBusy("held"), 503, "server_error", "memory_busy"),
         (ShuttingDown("bye"), 503, "server_error", "shutting_down"),
         (EngineFailure("oops"), 500, "server_error", "engine_error"),
+        (InvalidHost("bad"), 400, "invalid_request_error", "invalid_host"),
+        (AmbiguousFraming("both"), 400, "invalid_request_error", "ambiguous_framing"),
+        (OriginNotAllowed("no"), 403, "invalid_request_error", "origin_not_allowed"),
+        (UnsupportedMediaType("json"), 415, "invalid_request_error", "unsupported_media_type"),
+        (TooManyConnections(4), 503, "server_error", "too_many_connections"),
     ],
     ids=lambda v: type(v).__name__ if isinstance(v, ThoxdError) else None,
 )
@@ -156,3 +167,24 @@ def test_memory_busy_is_unavailable_and_the_507_is_not() -> None:
     # A 503 tells clients to retry; a model larger than the whole budget never fits.
     assert isinstance(MemoryBusy("x"), Unavailable)
     assert not isinstance(InsufficientMemory("x"), Unavailable)
+
+
+def test_the_docstring_draws_every_error() -> None:
+    """The tree in errors.py's docstring names each class with its status and its code."""
+    doc = thoxd.errors.__doc__ or ""
+    pending = [ThoxdError]
+    while pending:
+        cls = pending.pop()
+        pending.extend(cls.__subclasses__())
+        if cls.__module__ != "thoxd.errors":
+            continue
+        [line] = [line for line in doc.splitlines() if f" {cls.__name__} " in f" {line} "]
+        assert str(cls.status) in line, line
+        # A family's line may give its type (server_error) rather than its code.
+        assert cls.code in line or cls.type in line or cls is Unavailable, line
+
+
+def test_refusals_that_leave_a_body_unread_close_the_connection() -> None:
+    assert AmbiguousFraming("x").headers == {"Connection": "close"}
+    assert TooManyConnections(4).headers == {"Retry-After": "1"}
+    assert "4 connections" in TooManyConnections(4).message

@@ -25,6 +25,8 @@ from thoxd.device.info import SystemSampler
 from thoxd.engine import Engine, EngineConfig, budget_bytes
 from thoxd.errors import InvalidRequest, NotFound, ThoxdError
 from thoxd.guards.body_limit import BodyLimitMiddleware
+from thoxd.guards.cross_site import CrossSiteGuard
+from thoxd.guards.framing import FramingGuard
 from thoxd.guards.lan import HostNames, LanGuard, default_names
 from thoxd.guards.origins import cors_middleware
 from thoxd.guards.shutdown import Shutdown, ShutdownGate
@@ -119,12 +121,17 @@ def create_app(
     app = Starlette(
         routes=routes,
         middleware=[
-            # First, before anything else: who is asking, and by which name (thoxd/guards/lan.py).
+            # First: a body length said two ways closes the connection (thoxd/guards/framing.py).
+            Middleware(FramingGuard),
+            # Then who is asking, and by which name (thoxd/guards/lan.py).
             Middleware(LanGuard, hosts=hosts, allow_public_clients=settings.allow_public_clients),
             Middleware(MetricsMiddleware, metrics=metrics, routes=routes),
-            *cors_middleware(settings.allowed_origins),
+            *cors_middleware(settings.allowed_origins),  # answers preflights itself
             Middleware(BodyTimeoutMiddleware, seconds=settings.body_timeout_seconds),
             Middleware(BodyLimitMiddleware, max_body_bytes=settings.max_body_bytes),
+            # After CORS, so an allowed page can read its 415; after the size check, so a
+            # too-large body is a 413 whatever its type (thoxd/guards/cross_site.py).
+            Middleware(CrossSiteGuard, allowed_origins=settings.allowed_origins),
             Middleware(ShutdownGate, shutdown=shutdown),
         ],
         exception_handlers={

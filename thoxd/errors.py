@@ -4,21 +4,26 @@
     ├── InvalidRequest              400 invalid_request_error   (names `param`)
     │   ├── ContextLengthExceeded   400 context_length_exceeded (n_prompt_tokens, n_ctx)
     │   ├── UnsupportedCapability   400 unsupported_capability  (chat on an embedding model, ...)
-    │   └── UnsupportedParameter    400 unsupported_parameter   (a field this model cannot honour)
+    │   ├── UnsupportedParameter    400 unsupported_parameter   (a field this model cannot honour)
+    │   ├── InvalidHost             400 invalid_host            (no Host, or not a host[:port])
+    │   └── AmbiguousFraming        400 ambiguous_framing       (Transfer-Encoding + Content-Length)
     ├── NotFound                    404 not_found
     │   └── ModelNotFound           404 model_not_found
     ├── Forbidden                   403 forbidden
     │   ├── HostNotAllowed          403 host_not_allowed        (DNS rebinding)
-    │   └── ClientNotAllowed        403 client_not_allowed      (not a LAN address)
+    │   ├── ClientNotAllowed        403 client_not_allowed      (not a LAN address)
+    │   └── OriginNotAllowed        403 origin_not_allowed      (a cross-site browser request)
     ├── RequestTimeout              408 request_timeout         (slow client)
     ├── ModelBusy                   409 model_busy              (unload while serving)
     ├── PayloadTooLarge             413 payload_too_large
+    ├── UnsupportedMediaType        415 unsupported_media_type  (a body that is not JSON)
     ├── ModelFileRejected           422 model_file_rejected     (GGUF gate, sha256, missing)
     ├── InsufficientMemory          507 insufficient_memory     (larger than the budget)
     ├── Unavailable                 503 (with Retry-After)
     │   ├── QueueFull               503 queue_full
     │   ├── MemoryBusy              503 memory_busy             (room held by busy models)
-    │   └── ShuttingDown            503 shutting_down
+    │   ├── ShuttingDown            503 shutting_down
+    │   └── TooManyConnections      503 too_many_connections    (max_connections reached)
     └── EngineFailure               500 engine_error
 
 Messages are written for the person reading them: they never carry absolute paths, tracebacks,
@@ -89,6 +94,24 @@ class UnsupportedParameter(InvalidRequest):
     code = "unsupported_parameter"
 
 
+class InvalidHost(InvalidRequest):
+    """A Host header that is missing, repeated, or not `host[:port]` (RFC 7230 section 5.4 asks
+    for a 400: it is a malformed request, not a name the device refuses to answer to)."""
+
+    code = "invalid_host"
+
+
+class AmbiguousFraming(InvalidRequest):
+    """Both Transfer-Encoding and Content-Length: a proxy in front may read the body's end
+    differently than thoxd does (request smuggling), so the connection closes too."""
+
+    code = "ambiguous_framing"
+
+    @property
+    def headers(self) -> dict[str, str]:
+        return {"Connection": "close"}
+
+
 class NotFound(ThoxdError):
     status = 404
     type = "invalid_request_error"
@@ -118,6 +141,10 @@ class HostNotAllowed(Forbidden):
 
 class ClientNotAllowed(Forbidden):
     code = "client_not_allowed"
+
+
+class OriginNotAllowed(Forbidden):
+    code = "origin_not_allowed"
 
 
 class RequestTimeout(ThoxdError):
@@ -160,6 +187,12 @@ class PayloadTooLarge(ThoxdError):
         super().__init__(f"The request body is larger than the limit of {limit} bytes.")
 
 
+class UnsupportedMediaType(ThoxdError):
+    status = 415
+    type = "invalid_request_error"
+    code = "unsupported_media_type"
+
+
 class Unavailable(ThoxdError):
     status = 503
     code = "unavailable"
@@ -187,6 +220,15 @@ class MemoryBusy(Unavailable):
 class ShuttingDown(Unavailable):
     code = "shutting_down"
     retry_after = 5
+
+
+class TooManyConnections(Unavailable):
+    code = "too_many_connections"
+
+    def __init__(self, limit: int) -> None:
+        super().__init__(
+            f"The server has {limit} connections open, its limit (max_connections). Retry shortly."
+        )
 
 
 class EngineFailure(ThoxdError):

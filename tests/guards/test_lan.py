@@ -37,8 +37,27 @@ from thoxd.guards.lan import (
         ("[::1]:8080", "::1"),
         ("[fe80::1%25eth0]", "fe80::1%25eth0"),
         ("evil.example", "evil.example"),
+        ("[::ffff:192.168.1.5]:80", "::ffff:192.168.1.5"),
+        ("localhost:", "localhost"),  # RFC 3986: the port may be empty
         ("", None),
         ("[::1", None),
+        # Strict: host[:port] and nothing else. urlsplit took each of these for its last host.
+        ("evil.example@127.0.0.1", None),
+        ("user:pw@127.0.0.1:8080", None),
+        ("127.0.0.1:8080/evil", None),
+        ("127.0.0.1?x", None),
+        ("127.0.0.1#x", None),
+        ("evil.example 127.0.0.1", None),
+        ("127.0.0.1:80:80", None),
+        ("127.0.0.1:abc", None),
+        ("::1", None),  # an IPv6 address needs its brackets
+        ("[127.0.0.1]", None),
+        ("[v1.fe]", None),
+        ("[::1]x", None),
+        ("exa%6dple.com", None),
+        ("a..b", None),
+        (".", None),
+        ("x" * 64 + ".local", None),  # a label is at most 63 characters
     ],
 )
 def test_request_host(header: str, host: str | None) -> None:
@@ -122,6 +141,31 @@ def test_host_allowlist_in_process(tmp_path: Path, catalog: Catalog) -> None:
 
 
 @pytest.mark.parametrize(
+    "host",
+    ["evil.example@127.0.0.1", "127.0.0.1@evil.example", "127.0.0.1:8080/x", "[::1]@evil"],
+)
+def test_malformed_host_is_400(tmp_path: Path, catalog: Catalog, host: str) -> None:
+    response = get(make_app(tmp_path, catalog), headers={"Host": host})
+    assert response.request.headers["host"] == host
+    assert response.status_code == 400
+    error = response.json()["error"]
+    assert set(error) == {"message", "type", "param", "code"}
+    assert error["code"] == "invalid_host"
+
+
+def test_two_host_headers_are_400(tmp_path: Path, catalog: Catalog) -> None:
+    app = make_app(tmp_path, catalog)
+
+    async def two_hosts(scope: dict[str, object], *args: object) -> None:
+        scope["headers"] = [(b"host", b"127.0.0.1"), (b"host", b"evil.example")]
+        await app(scope, *args)  # type: ignore[arg-type]
+
+    response = asyncio.run(request(two_hosts, "GET", "/v1/models"))  # type: ignore[arg-type]
+    assert response.status_code == 400
+    assert response.json()["error"]["code"] == "invalid_host"
+
+
+@pytest.mark.parametrize(
     ("client", "allowed"),
     [
         ("8.8.8.8", False),
@@ -178,6 +222,23 @@ def test_websocket_handshake_host_refused_on_the_wire(guarded: Daemon) -> None:
         answer = sock.recv(4096)
     assert answer.startswith(b"HTTP/1.1 403 ")
     assert b"host_not_allowed" in answer
+
+
+def test_host_with_userinfo_refused_on_the_wire(guarded: Daemon) -> None:
+    host = "evil.example@127.0.0.1"
+    response = httpx.get(guarded.url + "/v1/models", headers={"Host": host})
+    assert response.request.headers["host"] == host
+    assert response.status_code == 400
+    assert response.json()["error"]["code"] == "invalid_host"
+
+
+def test_websocket_handshake_with_malformed_host_is_400(tmp_path: Path, catalog: Catalog) -> None:
+    local = TestClient(make_app(tmp_path, catalog), client=("127.0.0.1", 1))
+    with pytest.raises(WebSocketDenialResponse) as denied:
+        ws_url, host = "ws://127.0.0.1/v1/stream", "evil.example@127.0.0.1"
+        local.websocket_connect(ws_url, headers={"Host": host}).__enter__()
+    assert denied.value.status_code == 400
+    assert denied.value.json()["error"]["code"] == "invalid_host"
 
 
 def test_evil_host_refused_on_the_wire(guarded: Daemon) -> None:

@@ -3,10 +3,11 @@
 The daemon binds 0.0.0.0 on purpose, so every request passes this check first:
 
     LanGuard    403 for a client outside loopback, RFC 1918, link-local and ULA
-                (`allow_public_clients` opens it), then 403 for a Host header that is not one of
-                the box's names or addresses (DNS rebinding: a web page on evil.example whose
-                name now resolves to 192.168.1.5 still sends `Host: evil.example`). WebSocket
-                handshakes too.
+                (`allow_public_clients` opens it); 400 for a Host header that is missing,
+                repeated or not `host[:port]`; then 403 for a Host that is not one of the box's
+                names or addresses (DNS rebinding: a web page on evil.example whose name now
+                resolves to 192.168.1.5 still sends `Host: evil.example`). WebSocket handshakes
+                too.
 """
 
 from __future__ import annotations
@@ -14,16 +15,16 @@ from __future__ import annotations
 import ipaddress
 import json
 import logging
+import re
 import socket
 import time
 from collections.abc import Callable, Iterable
-from urllib.parse import urlsplit
 
 import psutil  # type: ignore[import-untyped]
 from starlette.responses import JSONResponse
 from starlette.types import ASGIApp, Receive, Scope, Send
 
-from thoxd.errors import ClientNotAllowed, HostNotAllowed, ThoxdError
+from thoxd.errors import ClientNotAllowed, HostNotAllowed, InvalidHost, ThoxdError
 
 logger = logging.getLogger("thoxd.security")
 
@@ -57,13 +58,31 @@ def is_lan_client(ip: IPAddress) -> bool:
     return any(ip in net for net in LAN_NETWORKS if net.version == ip.version)
 
 
+# RFC 7230 Host = uri-host [":" port], read strictly: an IPv6 literal in brackets (with an RFC
+# 6874 zone), or a name of letters, digits, '-' and '_' in dot-separated labels (dotted IPv4 is
+# one). Nothing else: no userinfo ('evil.example@127.0.0.1'), path, spaces or percent-escapes.
+_HOST = re.compile(
+    r"(?:\[(?P<ipv6>[0-9A-Fa-f:.]+)(?:%25[A-Za-z0-9._~-]+)?\]"
+    r"|(?P<name>[A-Za-z0-9_-]{1,63}(?:\.[A-Za-z0-9_-]{1,63})*\.?))"
+    r"(?::[0-9]{0,5})?"
+)
+
+
 def request_host(value: str) -> str | None:
-    """The host part of a Host header, lowercased, without port, brackets or final dot."""
-    try:
-        host = urlsplit("//" + value.strip()).hostname
-    except ValueError:
+    """The host of a Host header, lowercased, without port, brackets or final dot; None when
+    the header is not exactly `host[:port]`."""
+    value = value.strip(" \t")  # optional whitespace around a field value is not part of it
+    match = _HOST.fullmatch(value) if len(value) <= 300 else None
+    if match is None:
         return None
-    return host.rstrip(".") if host else None
+    if match["ipv6"] is not None:
+        try:
+            ipaddress.IPv6Address(match["ipv6"])
+        except ValueError:
+            return None
+        return value[1 : value.rindex("]")].lower()
+    name = match["name"].rstrip(".").lower()
+    return name if len(name) <= 253 else None
 
 
 class LocalAddresses:
@@ -156,10 +175,16 @@ class LanGuard:
                     "This device serves its local network only "
                     "(set allow_public_clients to serve other addresses)."
                 )
-        value = next((v for k, v in scope["headers"] if k == b"host"), None)
-        host = request_host(value.decode("latin-1")) if value is not None else None
-        if host is None or not self.hosts.allows(host):
-            shown = (host or "")[:64]
+        values = [v for k, v in scope["headers"] if k == b"host"]
+        host = request_host(values[0].decode("latin-1")) if len(values) == 1 else None
+        if host is None:
+            logger.info("refused a request without one well-formed Host header")
+            return InvalidHost(
+                "The request needs exactly one Host header of the form host[:port], "
+                "such as thox.local:8080."
+            )
+        if not self.hosts.allows(host):
+            shown = host[:64]
             logger.info("refused a request for host %r (not one of this device's names)", shown)
             return HostNotAllowed(
                 f"This device does not answer to the host name '{shown}'. "
@@ -175,7 +200,9 @@ async def _refuse(scope: Scope, receive: Receive, send: Send, error: ThoxdError)
         await response(scope, receive, send)
     elif "websocket.http.response" in scope.get("extensions", {}):
         headers = [(b"content-type", b"application/json"), (b"content-length", b"%d" % len(body))]
-        await send({"type": "websocket.http.response.start", "status": 403, "headers": headers})
+        await send(
+            {"type": "websocket.http.response.start", "status": error.status, "headers": headers}
+        )
         await send({"type": "websocket.http.response.body", "body": body})
     else:
         await send({"type": "websocket.close", "code": 1008})  # before accept: a 403

@@ -2,7 +2,8 @@
 
     origin_allowed    a page may use the device when it was served by the device itself (the
                       host the browser reached us by, or loopback on both sides), or when its
-                      origin is in `allowed_origins` ("*": any). The WebSocket handshake checks it.
+                      origin is in `allowed_origins` ("*": any). The WebSocket handshake and
+                      state-changing requests (guards/cross_site.py) check it.
     cors_middleware   CORS for `allowed_origins` only; never credentials, so never `*` together
                       with credentials.
 
@@ -13,10 +14,11 @@ from __future__ import annotations
 
 import ipaddress
 from collections.abc import Iterable
-from urllib.parse import urlsplit
 
 from starlette.middleware import Middleware
 from starlette.middleware.cors import CORSMiddleware
+
+from thoxd.guards.lan import request_host
 
 
 def normal_origins(origins: Iterable[str]) -> frozenset[str]:
@@ -27,15 +29,15 @@ def origin_allowed(origin: str, host: str | None, allowed: frozenset[str]) -> bo
     """Whether a browser page from `origin` may use the device reached as `host` (Host header)."""
     if "*" in allowed or _normal_origin(origin) in allowed:
         return True
-    try:
-        parts = urlsplit(origin.strip())
-        origin_host = parts.hostname
-        request_host = urlsplit("//" + host).hostname if host else None
-    except ValueError:
+    # A serialized origin is scheme://host[:port], nothing more: read it as strictly as Host.
+    scheme, sep, authority = origin.strip().partition("://")
+    if not sep or scheme.lower() not in ("http", "https"):
         return False
-    if parts.scheme not in ("http", "https") or not origin_host or not request_host:
+    origin_host = request_host(authority)
+    served_as = request_host(host) if host else None
+    if not origin_host or not served_as:
         return False
-    return origin_host == request_host or (_loopback(origin_host) and _loopback(request_host))
+    return origin_host == served_as or (_loopback(origin_host) and _loopback(served_as))
 
 
 def _normal_origin(origin: str) -> str:
