@@ -12,7 +12,8 @@ from prometheus_client.parser import text_string_to_metric_families
 from starlette.applications import Starlette
 
 from tests.conftest import Daemon
-from tests.inproc import make_app, request
+from tests.inproc import LOCAL_CLIENT, make_app, request
+from thoxd.api.metrics import method_label, status_label
 from thoxd.catalog.entries import Catalog
 from thoxd.engine.request import Finished, Timings
 
@@ -55,6 +56,37 @@ def test_metrics_parse_and_count_requests(tmp_path: Path, catalog: Catalog) -> N
     assert value(samples, "thoxd_http_requests_in_flight") == 1  # the scrape itself
     assert value(samples, "thoxd_model_loaded", model=MODEL) == 0
     assert value(samples, "process_resident_memory_bytes") > 0
+
+
+def test_junk_methods_and_paths_cannot_grow_the_series(tmp_path: Path, catalog: Catalog) -> None:
+    app = make_app(tmp_path, catalog)
+
+    async def junk() -> None:
+        transport = httpx.ASGITransport(app=app, client=LOCAL_CLIENT)
+        async with httpx.AsyncClient(transport=transport, base_url="http://127.0.0.1") as http:
+            for i in range(300):
+                await http.request(f"JUNK{i}", "/v1/models")  # 405
+                await http.request(f"X-{i}", f"/scan/{i}")  # 404
+
+    asyncio.run(junk())
+    samples = scrape(app)
+    series = {labels for name, labels in samples if name == "thoxd_http_requests_total"}
+    assert series == {
+        frozenset({("route", "/v1/models"), ("method", "other"), ("status", "405")}),
+        frozenset({("route", "unmatched"), ("method", "other"), ("status", "404")}),
+    }
+    total = "thoxd_http_requests_total"
+    assert value(samples, total, route="/v1/models", method="other", status="405") == 300
+    assert value(samples, total, route="unmatched", method="other", status="404") == 300
+
+
+def test_label_values_come_from_known_sets() -> None:
+    for method in ("GET", "POST", "PUT", "PATCH", "DELETE", "HEAD", "OPTIONS", "WEBSOCKET"):
+        assert method_label(method) == method
+    for junk in ("get", "PROPFIND", "X" * 1000, ""):
+        assert method_label(junk) == "other"
+    assert status_label(200) == "200" and status_label(503) == "503"
+    assert status_label(0) == status_label(1000) == "other"
 
 
 def test_scraping_never_loads_a_model(tmp_path: Path, catalog: Catalog) -> None:

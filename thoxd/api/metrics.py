@@ -13,6 +13,11 @@
     thoxd_model_loaded, thoxd_model_memory_bytes {model}                       gauges
     process_resident_memory_bytes, process_cpu_seconds_total, ...   prometheus-client's own
 
+Every label takes its values from a bounded set, never from what a client sends: routes are
+templates (paths that match none share `unmatched`), methods are GET, POST, PUT, PATCH, DELETE,
+HEAD, OPTIONS or WEBSOCKET (any other token is `other`), statuses are the app's own three-digit
+codes, models the catalog's ids (never an alias a request named).
+
 Request counts come from `MetricsMiddleware`; token counts and latencies from the engine's
 `on_finished` hook (one observation per finished generation, on the engine thread: the client is
 thread-safe). Engine gauges are read at scrape time from `Engine.loaded()` and `stats()`, which
@@ -37,7 +42,20 @@ from thoxd.engine import Engine, Finished
 CONTENT_TYPE = CONTENT_TYPE_PLAIN_0_0_4
 _TTFT_BUCKETS = (0.025, 0.05, 0.1, 0.25, 0.5, 1.0, 2.5, 5.0, 10.0, 30.0, 60.0)
 _TPOT_BUCKETS = (0.005, 0.01, 0.02, 0.04, 0.08, 0.15, 0.3, 0.6, 1.2, 2.5)
-_UNMATCHED = "unmatched"  # 404s share one label, so a scanner cannot grow the series
+# Every label value comes from a known set, so no client can grow the series: 404s share one
+# route label, and the method is one of these (or "other": a method is any token a client sends).
+_UNMATCHED = "unmatched"
+_OTHER = "other"
+METHODS = frozenset({"GET", "POST", "PUT", "PATCH", "DELETE", "HEAD", "OPTIONS", "WEBSOCKET"})
+
+
+def method_label(method: str) -> str:
+    return method if method in METHODS else _OTHER
+
+
+def status_label(status: int) -> str:
+    # The app chooses the status, but a three-digit code is all the label may ever hold.
+    return str(status) if 100 <= status <= 599 else _OTHER
 
 
 class Metrics:
@@ -128,10 +146,11 @@ class Metrics:
             self.tpot.labels(model).observe(t.predicted_ms / 1000.0 / t.predicted_n)
 
     def record(self, route: str, method: str, status: int, seconds: float) -> None:
-        self.requests.labels(route, method, str(status)).inc()
+        label = status_label(status)
+        self.requests.labels(route, method_label(method), label).inc()
         self.request_seconds.labels(route).observe(seconds)
         self.total_requests += 1
-        self.status_classes[f"{status // 100}xx"] += 1
+        self.status_classes[f"{label[0]}xx" if label != _OTHER else _OTHER] += 1
 
     def request_counts(self) -> dict[str, object]:
         return {
