@@ -1,8 +1,10 @@
 """Running the app under uvicorn: thoxd's logging, systemd's notify protocol, graceful shutdown.
 
-start     uvicorn runs the lifespan (the default model starts loading, mDNS starts probing),
-          then binds the socket; once mDNS has registered, systemd gets READY=1, and the
-          WATCHDOG=1 pings (from the event loop) and STATUS= updates begin
+start     the open file limit goes up to the hard limit, and connections are capped below it
+          (thoxd.guards.connections); uvicorn runs the lifespan (the default model starts
+          loading, mDNS starts probing), then binds the socket; once mDNS has registered,
+          systemd gets READY=1, and the WATCHDOG=1 pings (from the event loop) and STATUS=
+          updates begin
 SIGTERM   STOPPING=1; the listening socket closes; running requests get up to
           `shutdown_grace_seconds` to finish, new ones get 503 (thoxd.guards.shutdown); then what
           still streams is ended; uvicorn closes the connections and ends the lifespan (mDNS
@@ -22,13 +24,21 @@ from collections.abc import Awaitable, Callable
 from types import FrameType
 
 import uvicorn
+from uvicorn.protocols.http.h11_impl import H11Protocol
 
 from thoxd.app import create_app, reload_catalog
 from thoxd.device.discovery import Discovery
 from thoxd.device.systemd import Systemd
 from thoxd.engine import Engine
+from thoxd.guards.connections import (
+    BACKLOG,
+    ConnectionLimit,
+    ConnectionLimitProtocol,
+    connection_cap,
+    raise_fd_limit,
+)
 from thoxd.guards.shutdown import Shutdown
-from thoxd.guards.timeouts import header_timeout_protocol
+from thoxd.guards.timeouts import HeaderTimeoutProtocol
 from thoxd.settings import Settings
 
 logger = logging.getLogger("thoxd")
@@ -130,6 +140,18 @@ def model_status(engine: Engine, default_model: str, port: int) -> Callable[[], 
     return status
 
 
+def http_protocol(header_timeout: float, limit: ConnectionLimit) -> type[H11Protocol]:
+    """uvicorn's h11 protocol with thoxd's connection guards (thoxd/guards/): the cap on open
+    connections first, then the deadline for request headers. uvicorn has neither."""
+
+    class Protocol(ConnectionLimitProtocol, HeaderTimeoutProtocol):
+        pass
+
+    Protocol.header_timeout = header_timeout
+    Protocol.connection_limit = limit
+    return Protocol
+
+
 def configure_logging(level: str) -> None:
     logging.basicConfig(
         level=level.upper(),
@@ -139,6 +161,10 @@ def configure_logging(level: str) -> None:
 
 
 def serve(settings: Settings) -> int:
+    # Every connection is a file descriptor: raise the limit, then cap connections below it.
+    fd_limit = raise_fd_limit()
+    limit = ConnectionLimit(connection_cap(settings.max_connections, fd_limit))
+    logger.info("at most %d connections at once (open file limit %d)", limit.cap, fd_limit)
     graceful = Shutdown()
     app = create_app(settings, shutdown=graceful)
     config = uvicorn.Config(
@@ -148,8 +174,9 @@ def serve(settings: Settings) -> int:
         log_config=None,
         access_log=False,
         lifespan="on",
-        # h11 with a deadline for request headers: uvicorn has none (thoxd/guards/timeouts.py).
-        http=header_timeout_protocol(settings.header_timeout_seconds),
+        # h11 with a cap on connections and a deadline for request headers (thoxd/guards/).
+        http=http_protocol(settings.header_timeout_seconds, limit),
+        backlog=BACKLOG,  # bounds the descriptors a flood holds while being refused
         # The grace period for running requests is thoxd's (Server.shutdown); this is the
         # time after it for connections to close before their tasks are cancelled.
         timeout_graceful_shutdown=END_SECONDS,

@@ -167,6 +167,14 @@ class Settings(BaseSettings):
         description="Longest time a request body may take to arrive after its headers; then "
         "408 and the connection is closed.",
     )
+    max_connections: int = Field(
+        1024,
+        ge=4,
+        le=65536,
+        description="Most connections open at once, WebSockets included; past it a new "
+        "connection gets 503 and is closed. Lowered at start if the open file limit cannot "
+        "hold it with a reserve.",
+    )
     log_level: Literal["debug", "info", "warning", "error"] = Field(
         "info", description="Log verbosity."
     )

@@ -204,6 +204,8 @@ def test_the_unit_says_what_the_issue_asks() -> None:
     values = dict(lines)
     assert values["Type"] == "notify" and values["NotifyAccess"] == "main"
     assert values["WatchdogSec"] == "30" and values["Restart"] == "on-failure"
+    # Every connection is a file: 1024 ran out (thoxd caps connections below this).
+    assert int(values["LimitNOFILE"]) >= 65536
     assert values["ExecStart"] == "/opt/thoxd/.venv/bin/thoxd serve"
     assert values["DynamicUser"] == values["NoNewPrivileges"] == "yes"
     assert values["ProtectSystem"] == "strict"

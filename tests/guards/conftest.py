@@ -1,10 +1,11 @@
-"""A daemon for the guards' tests on a real socket: short deadlines, and a model that never loads
+"""Daemons for the guards' tests on a real socket: short deadlines, and a model that never loads
 (so nothing competes for the CPU)."""
 
 from __future__ import annotations
 
 import time
 from collections.abc import Iterator
+from pathlib import Path
 
 import httpx
 import pytest
@@ -15,10 +16,8 @@ HEADER_TIMEOUT = 1.0
 BODY_TIMEOUT = 1.0
 
 
-@pytest.fixture(scope="package")
-def guarded(tmp_path_factory: pytest.TempPathFactory) -> Iterator[Daemon]:
-    """A daemon with 1 s deadlines whose only model cannot load: it serves, and idles."""
-    tmp = tmp_path_factory.mktemp("guarded")
+def absent_model_daemon(tmp: Path, *args: str, wrapper: tuple[str, ...] = ()) -> Daemon:
+    """A daemon whose only model cannot load, once it answers /health (with 503)."""
     catalog = tmp / "models.toml"
     catalog.write_text(
         '[[models]]\nid = "absent"\npath = "absent.gguf"\nn_ctx = 256\n'
@@ -27,20 +26,33 @@ def guarded(tmp_path_factory: pytest.TempPathFactory) -> Iterator[Daemon]:
     d = Daemon(
         tmp,
         tmp / "models",
-        "--catalog", str(catalog), "--default-model", "absent", "--mdns", "false",
+        "--catalog", str(catalog), "--default-model", "absent", "--mdns", "false", *args,
+        wrapper=wrapper,
+    )  # fmt: skip
+    deadline = time.monotonic() + 60
+    while True:
+        if d.proc.poll() is not None:
+            d.stop()
+            raise RuntimeError(f"thoxd exited: {d.log()}")
+        try:
+            httpx.get(d.url + "/health", timeout=1)
+            return d
+        except httpx.TransportError:
+            if time.monotonic() > deadline:
+                d.stop()
+                raise TimeoutError(f"thoxd not serving: {d.log()}") from None
+            time.sleep(0.1)
+
+
+@pytest.fixture(scope="package")
+def guarded(tmp_path_factory: pytest.TempPathFactory) -> Iterator[Daemon]:
+    """A daemon with 1 s deadlines whose only model cannot load: it serves, and idles."""
+    d = absent_model_daemon(
+        tmp_path_factory.mktemp("guarded"),
         "--header-timeout-seconds", str(HEADER_TIMEOUT),
         "--body-timeout-seconds", str(BODY_TIMEOUT),
     )  # fmt: skip
     try:
-        deadline = time.monotonic() + 60
-        while True:
-            assert d.proc.poll() is None, d.log()
-            try:
-                httpx.get(d.url + "/health", timeout=1)
-                break
-            except httpx.TransportError:
-                assert time.monotonic() < deadline, d.log()
-                time.sleep(0.1)
         yield d
     finally:
         d.stop()

@@ -1,9 +1,10 @@
 """Deadlines for slow clients: uvicorn has neither, so without them a client that opens a socket
 and sends a byte now and then holds a connection (and its memory) forever.
 
-    header_timeout_protocol   uvicorn's h11 protocol with a deadline for the request headers: a
+    HeaderTimeoutProtocol     uvicorn's h11 protocol with a deadline for the request headers: a
                               connection that sends nothing, or dribbles its headers, is closed
-                              after `header_timeout_seconds` (with a 408 if part of a request came).
+                              after `header_timeout` seconds (with a 408 if part of a request
+                              came). thoxd.server sets the deadline in a subclass.
     BodyTimeoutMiddleware     408 when a request body has not arrived `body_timeout_seconds` after
                               its headers.
 """
@@ -14,13 +15,14 @@ import asyncio
 import json
 import logging
 import time
+from http import HTTPStatus
 from typing import ClassVar
 
 import h11
 from starlette.types import ASGIApp, Message, Receive, Scope, Send
 from uvicorn.protocols.http.h11_impl import H11Protocol
 
-from thoxd.errors import RequestTimeout
+from thoxd.errors import RequestTimeout, ThoxdError
 
 logger = logging.getLogger("thoxd.security")
 
@@ -64,7 +66,7 @@ class BodyTimeoutMiddleware:
 # -- the header deadline, in uvicorn's h11 protocol ------------------------------------------
 
 
-def header_timeout_protocol(seconds: float) -> type[H11Protocol]:
+class HeaderTimeoutProtocol(H11Protocol):
     """uvicorn's h11 protocol, plus a deadline for each request's headers.
 
     The clock starts when the connection opens, and for later requests on a kept-alive
@@ -74,67 +76,66 @@ def header_timeout_protocol(seconds: float) -> type[H11Protocol]:
     out early, as a 404 or 413 does): uvicorn would otherwise take it at any pace.
     """
 
-    class HeaderTimeoutProtocol(H11Protocol):
-        header_timeout: ClassVar[float] = seconds
-        _header_timer: asyncio.TimerHandle | None = None
+    header_timeout: ClassVar[float] = 10.0
+    _header_timer: asyncio.TimerHandle | None = None
 
-        def connection_made(self, transport: asyncio.Transport) -> None:  # type: ignore[override]
-            super().connection_made(transport)
-            self._arm()
+    def connection_made(self, transport: asyncio.Transport) -> None:  # type: ignore[override]
+        super().connection_made(transport)
+        self._arm()
 
-        def data_received(self, data: bytes) -> None:
-            super().data_received(data)
+    def data_received(self, data: bytes) -> None:
+        super().data_received(data)
+        self._check()
+
+    def on_response_complete(self) -> None:
+        super().on_response_complete()
+        if self.conn.their_state is h11.SEND_BODY:  # answered before the body came
             self._check()
 
-        def on_response_complete(self) -> None:
-            super().on_response_complete()
-            if self.conn.their_state is h11.SEND_BODY:  # answered before the body came
-                self._check()
+    def _waiting(self) -> bool:
+        """Whether only the client can move: its headers, or a body already answered."""
+        their, ours = self.conn.their_state, self.conn.our_state
+        return their is h11.IDLE or (their is h11.SEND_BODY and ours in (h11.DONE, h11.MUST_CLOSE))
 
-        def _waiting(self) -> bool:
-            """Whether only the client can move: its headers, or a body already answered."""
-            their, ours = self.conn.their_state, self.conn.our_state
-            return their is h11.IDLE or (
-                their is h11.SEND_BODY and ours in (h11.DONE, h11.MUST_CLOSE)
-            )
-
-        def _check(self) -> None:
-            if self._waiting() and not self.transport.is_closing():
-                self._arm()
-            else:
-                self._disarm()
-
-        def connection_lost(self, exc: Exception | None) -> None:
+    def _check(self) -> None:
+        if self._waiting() and not self.transport.is_closing():
+            self._arm()
+        else:
             self._disarm()
-            super().connection_lost(exc)
 
-        def _arm(self) -> None:
-            if self._header_timer is None:
-                self._header_timer = self.loop.call_later(self.header_timeout, self._expired)
+    def connection_lost(self, exc: Exception | None) -> None:
+        self._disarm()
+        super().connection_lost(exc)
 
-        def _disarm(self) -> None:
-            if self._header_timer is not None:
-                self._header_timer.cancel()
-                self._header_timer = None
+    def _arm(self) -> None:
+        if self._header_timer is None:
+            self._header_timer = self.loop.call_later(self.header_timeout, self._expired)
 
-        def _expired(self) -> None:
+    def _disarm(self) -> None:
+        if self._header_timer is not None:
+            self._header_timer.cancel()
             self._header_timer = None
-            if self.transport.is_closing() or not self._waiting():
-                return
-            client = f"{self.client[0]}:{self.client[1]}" if self.client else "a client"
-            logger.debug("closed %s: no request headers within %g s", client, self.header_timeout)
-            if self.conn.their_state is h11.IDLE and self.conn.trailing_data[0]:
-                self.transport.write(_timeout_response(self.header_timeout))  # say why
-            self.transport.close()
 
-    return HeaderTimeoutProtocol
+    def _expired(self) -> None:
+        self._header_timer = None
+        if self.transport.is_closing() or not self._waiting():
+            return
+        client = f"{self.client[0]}:{self.client[1]}" if self.client else "a client"
+        logger.debug("closed %s: no request headers within %g s", client, self.header_timeout)
+        if self.conn.their_state is h11.IDLE and self.conn.trailing_data[0]:
+            error = RequestTimeout(
+                f"The request headers did not arrive within {self.header_timeout:g} seconds."
+            )
+            self.transport.write(raw_response(error))  # say why
+        self.transport.close()
 
 
-def _timeout_response(seconds: float) -> bytes:
-    error = RequestTimeout(f"The request headers did not arrive within {seconds:g} seconds.")
+def raw_response(error: ThoxdError) -> bytes:
+    """An error as a whole HTTP/1.1 response that closes the connection, for the protocol to
+    write itself where no request reached the app (h11 is not asked: it may be mid-request)."""
     body = json.dumps(error.envelope()).encode()
-    head = (
-        "HTTP/1.1 408 Request Timeout\r\ncontent-type: application/json\r\n"
-        f"content-length: {len(body)}\r\nconnection: close\r\n\r\n"
-    )
-    return head.encode() + body
+    reason = HTTPStatus(error.status).phrase
+    head = [f"HTTP/1.1 {error.status} {reason}", "content-type: application/json"]
+    head += [f"{k.lower()}: {v}" for k, v in error.headers.items() if k.lower() != "connection"]
+    head += [f"content-length: {len(body)}", "connection: close"]
+    return ("\r\n".join(head) + "\r\n\r\n").encode() + body
