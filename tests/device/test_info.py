@@ -5,7 +5,6 @@ from __future__ import annotations
 
 import asyncio
 import json
-import statistics
 import time
 from pathlib import Path
 from typing import Any
@@ -178,18 +177,11 @@ def test_no_gpu_tools_means_no_gpus(monkeypatch: pytest.MonkeyPatch) -> None:
 # -- the real daemon -------------------------------------------------------------------------
 
 
-def test_info_on_the_daemon_is_fast(daemon: Daemon) -> None:
-    times = []
+def test_info_on_the_daemon(daemon: Daemon) -> None:
     with httpx.Client(base_url=daemon.url) as http:
-        for _ in range(7):
-            start = time.perf_counter()
-            response = http.get("/system/info")
-            times.append(time.perf_counter() - start)
-            assert response.status_code == 200
+        response = http.get("/system/info")
+    assert response.status_code == 200
     data = response.json()
-    median, worst = statistics.median(times) * 1000, max(times) * 1000
-    print(f"/system/info: median {median:.1f} ms, max {worst:.1f} ms")
-    assert statistics.median(times) < 0.5
     assert set(data) == TOP_KEYS
     [model] = data["models"]
     assert model["state"] == "loaded" and model["slots"] == 2
@@ -198,3 +190,25 @@ def test_info_on_the_daemon_is_fast(daemon: Daemon) -> None:
     assert data["cpu"]["usage_percent"] is not None
     assert data["requests"]["total"] >= 1
     assert data["process"]["open_files"] >= 1
+
+
+def test_info_answers_while_a_generation_runs(daemon: Daemon) -> None:
+    # /system/info reads a snapshot and the engine's counters: it never waits for a decode step.
+    body = {"model": "thox-coder", "prompt": "1, 2, 3, 4, 5, 6, 7, 8,", "max_tokens": 200,
+            "temperature": 0, "repeat_penalty": 1.0, "stream": True}  # fmt: skip
+    with (
+        httpx.Client(base_url=daemon.url, timeout=60) as http,
+        http.stream("POST", "/v1/completions", json=body) as stream,
+    ):
+        assert stream.status_code == 200
+        lines = stream.iter_lines()
+        assert next(line for line in lines if line.startswith("data: {"))  # it runs
+        info = http.get("/system/info")  # a second connection, meanwhile
+        rest = [line for line in lines if line.startswith("data: ")]
+    assert info.status_code == 200
+    [model] = info.json()["models"]
+    assert model["slots_busy"] == 1  # answered while the generation held its slot
+    assert rest[-1] == "data: [DONE]"
+    finish = json.loads(rest[-2].removeprefix("data: "))["choices"][0]["finish_reason"]
+    assert finish == "length"  # it ran to its end after the answer: nothing was cut short
+    daemon.wait_idle()
