@@ -14,14 +14,17 @@ import socket
 import threading
 from collections.abc import Iterator
 from pathlib import Path
+from types import SimpleNamespace
 
 import pytest
 
+import thoxd.catalog.add
 from thoxd.__main__ import main
 from thoxd.catalog.add import AddError, default_id, default_n_ctx, toml_string
 from thoxd.catalog.cli import daemon_url
 from thoxd.catalog.entries import Catalog
 from thoxd.catalog.gguf import check_gguf
+from thoxd.catalog.partials import partial_path
 from thoxd.settings import Settings
 
 gguf = pytest.importorskip("gguf")
@@ -214,6 +217,103 @@ def test_add_link_across_filesystems_fails_clearly(
     assert "same filesystem as the models dir" in capsys.readouterr().err
     assert files(models) == []
     assert catalog.read_text() == CATALOG
+
+
+def test_add_removes_what_a_killed_add_left(
+    catalog: Path, models: Path, source: Path, capsys: pytest.CaptureFixture[str]
+) -> None:
+    stale = partial_path(models / "earlier.gguf")  # a copy whose process was killed
+    stale.write_bytes(b"GGUF" + bytes(4092))
+    foreign = [models / "earlier.gguf.partial", models / "download.part", models / "x.gguf"]
+    for path in foreign:  # not named by thoxd: never touched
+        path.write_bytes(b"not ours")
+    assert add(catalog, models, str(source)) == 0
+    assert "removed earlier.gguf.thoxd.partial (4.0 KiB), left by an interrupted copy" in (
+        capsys.readouterr().out
+    )
+    assert files(models) == sorted(
+        [source.name, source.name + ".verified", *(p.name for p in foreign)]
+    )
+
+
+def test_add_cut_short_leaves_no_partial(
+    catalog: Path,
+    models: Path,
+    source: Path,
+    monkeypatch: pytest.MonkeyPatch,
+    capsys: pytest.CaptureFixture[str],
+) -> None:
+    class FullDisk:
+        """A digest that lets two blocks through, then fails as a full disk would."""
+
+        def __init__(self) -> None:
+            self.blocks = 0
+            self.digest = hashlib.sha256()
+
+        def update(self, block: bytes) -> None:
+            self.blocks += 1
+            if self.blocks > 2:
+                raise OSError(errno.ENOSPC, os.strerror(errno.ENOSPC))
+            self.digest.update(block)
+
+        def hexdigest(self) -> str:
+            return self.digest.hexdigest()
+
+    monkeypatch.setattr(thoxd.catalog.add, "_BLOCK", 64)
+    monkeypatch.setattr(thoxd.catalog.add, "hashlib", SimpleNamespace(sha256=FullDisk))
+    assert add(catalog, models, str(source)) == 1
+    assert capsys.readouterr().err == (
+        f"thoxd: cannot copy {source.name}: No space left on device\n"
+    )
+    assert files(models) == []
+    assert catalog.read_text() == CATALOG
+
+
+def test_add_refuses_a_file_named_like_a_partial(
+    catalog: Path, models: Path, source: Path, capsys: pytest.CaptureFixture[str]
+) -> None:
+    odd = source.rename(source.with_name("m.gguf.thoxd.partial"))
+    assert add(catalog, models, str(odd)) == 1
+    assert "is for unfinished copies" in capsys.readouterr().err
+    assert files(models) == []
+
+
+# Catalogs that do not load: every `models` action says so in one line and exits 2.
+BROKEN_CATALOGS = {
+    "invalid UTF-8": b'[[models]]\nid = "caf\xe9"\npath = "x.gguf"\n',
+    "TOML syntax": b'[[models]]\nid = "x"\npath = \n',
+    "invalid entry": b'[[models]]\nid = "x"\npath = "x.gguf"\nn_ctx = 1\n',
+    "keep_alive no float holds": b'[[models]]\nid = "x"\npath = "x.gguf"\nkeep_alive = 1'
+    + b"0" * 400
+    + b"\n",
+    "no entries": b"# nothing\n",
+    "nested too deeply": b"x = " + b"[" * 5000 + b"]" * 5000 + b"\n",
+}
+
+
+@pytest.mark.parametrize("action", ["list", "check", "add"])
+@pytest.mark.parametrize("text", BROKEN_CATALOGS.values(), ids=BROKEN_CATALOGS.keys())
+def test_a_catalog_that_does_not_load_exits_2_in_one_line(
+    tmp_path: Path,
+    models: Path,
+    source: Path,
+    capsys: pytest.CaptureFixture[str],
+    action: str,
+    text: bytes,
+) -> None:
+    broken = tmp_path / "models.toml"
+    broken.write_bytes(text)
+    where = ["--catalog", str(broken), "--models-dir", str(models)]
+    args = ["models", action, *where] + ([str(source)] if action == "add" else [])
+    if action == "list":
+        args += ["--port", str(unused_port())]
+    assert main(args) == 2
+    err = capsys.readouterr().err
+    assert err.startswith("thoxd: models.toml")
+    assert err.count("\n") == 1 and err.endswith("\n")
+    assert str(tmp_path) not in err
+    assert broken.read_bytes() == text
+    assert files(models) == []
 
 
 def test_defaults_from_the_file() -> None:

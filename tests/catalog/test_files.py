@@ -14,7 +14,13 @@ import pytest
 
 import thoxd.catalog.files
 from thoxd.catalog.entries import ModelSpec
-from thoxd.catalog.files import ModelFileError, ensure_model_file, model_path
+from thoxd.catalog.files import (
+    ModelFileError,
+    ensure_model_file,
+    model_path,
+    remove_stale_partials,
+)
+from thoxd.catalog.partials import partial_path
 
 CHUNKS = (b"GGUF" + b"\x00" * 296, b"tensor data " * 50)
 CONTENT = b"".join(CHUNKS)
@@ -101,7 +107,7 @@ def test_assembles_from_the_package(tmp_path: Path, fake_package: FakePackage) -
     path = ensure_model_file(spec_for(fake_package.name), models, messages.append)
     assert path == models / "m.gguf"
     assert path.read_bytes() == CONTENT
-    assert not (models / "m.gguf.partial").exists()
+    assert sorted(p.name for p in models.iterdir()) == ["m.gguf", "m.gguf.verified"]
 
     assert messages[0].startswith("assembling m.gguf")
     percents = [int(m.split("%")[0]) for m in messages if "%" in m]
@@ -196,3 +202,42 @@ def test_package_without_chunk_paths_raises(
             ensure_model_file(spec_for(module), tmp_path / "models", lambda _: None)
     finally:
         sys.modules.pop(module, None)
+
+
+def test_assembly_cut_short_leaves_no_partial(
+    tmp_path: Path, fake_package: FakePackage, monkeypatch: pytest.MonkeyPatch
+) -> None:
+    # The first chunk is written, then the second cannot be read (a full disk fails the same
+    # way): a 241 MiB partial file stayed behind, and the error was a bare OSError.
+    monkeypatch.setattr(thoxd.catalog.files, "_BLOCK", 64)
+    fake_package.chunks[1].unlink()
+    fake_package.chunks[1].mkdir()  # stat() passes, open() fails: after part0 is written
+    models = tmp_path / "models"
+    with pytest.raises(ModelFileError, match=r"cannot assemble m\.gguf: Is a directory") as info:
+        ensure_model_file(spec_for(fake_package.name), models, lambda _: None)
+    assert str(tmp_path) not in str(info.value)
+    assert list(models.iterdir()) == []
+
+
+def test_assembly_replaces_what_a_killed_one_left(
+    tmp_path: Path, fake_package: FakePackage
+) -> None:
+    partial_path(tmp_path / "m.gguf").write_bytes(b"GGUF and then the process was killed")
+    path = ensure_model_file(spec_for(fake_package.name), tmp_path, lambda _: None)
+    assert path.read_bytes() == CONTENT
+    assert not partial_path(path).exists()
+
+
+def test_remove_stale_partials_looks_where_thoxd_writes(tmp_path: Path) -> None:
+    models = tmp_path / "models"
+    (models / "sub").mkdir(parents=True)
+    (models / "other").mkdir()
+    top = partial_path(models / "added.gguf")  # `models add` writes at the top
+    beside = partial_path(models / "sub" / "m.gguf")  # assembly writes beside the entry's file
+    elsewhere = partial_path(models / "other" / "x.gguf")  # no entry lives there
+    for path in (top, beside, elsewhere):
+        path.write_bytes(b"x" * 10)
+    removed = remove_stale_partials(models, [spec_for(None, path="sub/m.gguf")])
+    assert sorted(p.name for p, _ in removed) == sorted([top.name, beside.name])
+    assert not top.exists() and not beside.exists()
+    assert elsewhere.exists()

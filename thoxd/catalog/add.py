@@ -1,9 +1,9 @@
 """`thoxd models add`: put a GGUF file into the models directory and append it to the catalog.
 
 The catalog is edited as text, by appending one `[[models]]` entry, so the user's comments and
-layout stay as they were. Nothing is left half-done: the file is copied to NAME.partial and
-renamed, and when the catalog no longer loads afterwards its bytes and the models dir are
-restored.
+layout stay as they were. Nothing is left half-done: the file is copied to a partial file and
+renamed (thoxd.catalog.partials; what an interrupted add left is removed by the next one), and
+when the catalog no longer loads afterwards its bytes and the models dir are restored.
 """
 
 from __future__ import annotations
@@ -17,13 +17,15 @@ import time
 from collections.abc import Sequence
 from dataclasses import dataclass
 from pathlib import Path
-from typing import Any
+from typing import Any, BinaryIO
 
 from pydantic import ValidationError
 
 from thoxd.catalog.entries import _NAME, Catalog, CatalogError, ModelSpec
-from thoxd.catalog.files import mark_verified
+from thoxd.catalog.files import mark_verified, remove_stale_partials
 from thoxd.catalog.gguf import GGUFInfo, GGUFRejected, check_gguf
+from thoxd.catalog.partials import SUFFIX as PARTIAL_SUFFIX
+from thoxd.catalog.partials import PartialFile
 from thoxd.errors import ModelNotFound
 
 _BLOCK = 1 << 20
@@ -45,6 +47,7 @@ class Added:
     size: int
     how: str  # "copied", "hard-linked" or "already there"
     spec: ModelSpec
+    removed: tuple[tuple[Path, int], ...] = ()  # stale partial files (path, size) cleaned first
 
 
 def format_size(n: int) -> str:
@@ -116,14 +119,19 @@ def add_model(
         info = check_gguf(source)
     except GGUFRejected as exc:
         raise AddError(f"{source.name}: not accepted: {exc}") from None
+    if source.name.endswith(PARTIAL_SUFFIX):
+        raise AddError(f"{source.name}: a name ending in {PARTIAL_SUFFIX} is for unfinished copies")
     original: bytes | None = None
-    taken: set[str] = set()
+    specs: list[ModelSpec] = []
     if catalog_path.exists():
         try:
-            taken = {name for spec in Catalog.load(catalog_path) for name in spec.names}
+            specs = list(Catalog.load(catalog_path))
             original = catalog_path.read_bytes()
         except (CatalogError, OSError) as exc:
             raise AddError(f"the catalog does not load, fix it first: {exc}") from None
+    taken = {name for spec in specs for name in spec.names}
+    # What a killed earlier copy left (up to a whole model) goes before this one is written.
+    removed = tuple(remove_stale_partials(models_dir, specs))
 
     entry: dict[str, Any] = {"id": model_id or default_id(source)}
     if aliases:
@@ -158,7 +166,7 @@ def add_model(
         if how != "already there":
             _remove(dest)
         raise AddError(f"{exc}; nothing was changed") from None
-    return Added(spec.id, dest, sha256, dest.stat().st_size, how, spec)
+    return Added(spec.id, dest, sha256, dest.stat().st_size, how, spec, removed)
 
 
 def _place(source: Path, dest: Path, link: bool) -> tuple[str, str]:
@@ -186,17 +194,17 @@ def _place(source: Path, dest: Path, link: bool) -> tuple[str, str]:
             _remove(dest)
             raise AddError(f"cannot read {dest.name}: {exc.strerror}") from None
         return sha256, "hard-linked"
-    partial = dest.with_name(dest.name + ".partial")
     try:
-        sha256 = _copy(source, partial)
-        os.replace(partial, dest)
+        with PartialFile(dest) as partial:  # a copy cut short leaves no file named `dest`
+            sha256 = _copy(source, partial.file)
+            partial.commit()
+    except OSError as exc:
+        raise AddError(f"cannot copy {source.name}: {exc.strerror}") from None
+    try:
         mark_verified(dest, sha256)
     except OSError as exc:
         _remove(dest)
         raise AddError(f"cannot copy {source.name}: {exc.strerror}") from None
-    finally:
-        with contextlib.suppress(FileNotFoundError):
-            partial.unlink()
     return sha256, "copied"
 
 
@@ -214,18 +222,14 @@ def _same_file(source: Path, dest: Path) -> str:
     raise AddError(f"{dest} already exists and is a different file; not overwriting it")
 
 
-def _copy(source: Path, dest: Path | None) -> str:
-    """sha256 of `source`, written to `dest` (flushed to disk) when given."""
+def _copy(source: Path, out: BinaryIO | None) -> str:
+    """sha256 of `source`, written to `out` when given."""
     digest = hashlib.sha256()
-    with source.open("rb") as src, contextlib.ExitStack() as stack:
-        out = stack.enter_context(dest.open("wb")) if dest is not None else None
+    with source.open("rb") as src:
         while block := src.read(_BLOCK):
             digest.update(block)
             if out is not None:
                 out.write(block)
-        if out is not None:
-            out.flush()
-            os.fsync(out.fileno())
     return digest.hexdigest()
 
 

