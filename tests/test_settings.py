@@ -9,7 +9,7 @@ import pytest
 from pydantic import ValidationError
 
 import thoxd.settings
-from thoxd.settings import Settings, load_settings
+from thoxd.settings import Settings, load_settings, settings_error
 
 pytestmark = pytest.mark.usefixtures("clean_settings_env")
 
@@ -106,6 +106,33 @@ def test_out_of_bounds_toml_is_refused(tmp_path: Path) -> None:
     with pytest.raises(ValidationError) as info:
         load_settings({}, config)
     assert info.value.errors()[0]["loc"] == ("slots",)
+
+
+@pytest.mark.parametrize(
+    ("text", "field"),
+    [("keep_alive = 1" + "0" * 400, "keep_alive"), ("keep_alive = -1" + "0" * 400, "keep_alive"),
+     ('keep_alive = "' + "1" * 100_000 + 'x"', "keep_alive"),
+     ('memory_budget = "' + "9" * 400 + 'TiB"', "memory_budget")],
+    ids=["keep_alive 10**400", "keep_alive -10**400", "keep_alive 100 000 digits",
+         "memory_budget 400 digits"],
+)  # fmt: skip
+def test_durations_and_sizes_past_their_bounds_are_refused(
+    tmp_path: Path, text: str, field: str
+) -> None:
+    # Were an OverflowError (a traceback), "forever", or 43 s of backtracking.
+    config = write_toml(tmp_path / "thoxd.toml", text + "\n")
+    with pytest.raises(ValidationError) as info:
+        load_settings({}, config)
+    assert info.value.errors()[0]["loc"] == (field,)
+    assert settings_error(info.value).startswith(f"invalid setting {field}: ")
+
+
+def test_settings_error_gives_a_validator_reason_without_its_prefix() -> None:
+    with pytest.raises(ValidationError) as info:
+        load_settings({"keep_alive": "soon"})
+    assert settings_error(info.value) == (
+        "invalid setting keep_alive: 'soon' is not a duration (use seconds, or e.g. 90s, 5m, 1h30m)"
+    )
 
 
 def test_unknown_key_in_toml_is_refused(tmp_path: Path) -> None:

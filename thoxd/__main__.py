@@ -16,7 +16,9 @@ from pydantic import ValidationError
 
 from thoxd import __version__
 from thoxd.catalog.cli import add_models_parser, run_models
-from thoxd.catalog.entries import CatalogError
+from thoxd.catalog.entries import Catalog, CatalogError
+from thoxd.catalog.files import remove_stale_partials
+from thoxd.errors import ModelNotFound
 from thoxd.settings import Settings, load_settings, settings_error
 
 COMMANDS = ("serve", "models")
@@ -74,17 +76,37 @@ def main(argv: Sequence[str] | None = None) -> int:
     except (ValidationError, FileNotFoundError, ValueError) as exc:
         sys.stderr.write(f"thoxd: {settings_error(exc)}\n")
         return 2
+    try:
+        catalog = load_catalog(settings)
+    except CatalogError as exc:
+        sys.stderr.write(f"thoxd: {exc}\n")
+        return 2
 
     from thoxd.server import configure_logging, serve
 
     configure_logging(settings.log_level)
+    remove_stale_partials(settings.resolved_models_dir, catalog)
     try:
         return serve(settings)
-    except CatalogError as exc:
+    except (CatalogError, ModelNotFound) as exc:  # models.toml changed since it was read
         sys.stderr.write(f"thoxd: {exc}\n")
         return 2
     except KeyboardInterrupt:
         return 130
+
+
+def load_catalog(settings: Settings) -> Catalog:
+    """The catalog the daemon will serve, checked before anything starts or binds: a broken
+    models.toml is a one-line message and exit 2, like a bad setting."""
+    catalog = Catalog.load(settings.catalog)
+    try:
+        catalog.get(settings.default_model)
+    except ModelNotFound:
+        raise CatalogError(
+            f"{settings.catalog.name}: the default model '{settings.default_model}' is not in it"
+            " (set default_model to one of its ids or aliases)"
+        ) from None
+    return catalog
 
 
 if __name__ == "__main__":

@@ -233,7 +233,8 @@ def settings_error(exc: Exception) -> str:
     if isinstance(exc, ValidationError):
         error = exc.errors()[0]
         field = ".".join(str(p) for p in error["loc"]) or "settings"
-        return f"invalid setting {field}: {error['msg']}"
+        reason = error.get("ctx", {}).get("error", error["msg"])  # without "Value error, "
+        return f"invalid setting {field}: {reason}"
     return str(exc)
 
 

@@ -8,7 +8,7 @@ from pathlib import Path
 import pytest
 
 from tests.conftest import REPO
-from thoxd.catalog.entries import Catalog, CatalogError, ModelSpec
+from thoxd.catalog.entries import _NAME, Catalog, CatalogError, ModelSpec
 from thoxd.errors import ModelNotFound
 
 REPO_CATALOG = REPO / "models.toml"
@@ -205,3 +205,55 @@ def test_keep_alive_without_limit(tmp_path: Path, value: str) -> None:
 def test_bad_keep_alive_names_entry_and_field(tmp_path: Path, value: str) -> None:
     message = catalog_error(tmp_path, GOOD_ENTRY + f"keep_alive = {value}\n")
     assert message.startswith("models.toml: models[0] (tiny): keep_alive")
+
+
+@pytest.mark.parametrize(
+    ("value", "reason"),
+    [("1" + "0" * 400, "the number is out of range"), ("-1" + "0" * 400, "out of range"),
+     ('"' + "1" * 100_000 + 'x"', "a duration is at most 64 characters long, not 100001")],
+    ids=["10**400", "-10**400", "100 000 digits"],
+)  # fmt: skip
+def test_keep_alive_past_its_bounds_names_entry_and_field(
+    tmp_path: Path, value: str, reason: str
+) -> None:
+    # 10**400 was an OverflowError out of Catalog.load: a traceback at start.
+    message = catalog_error(tmp_path, GOOD_ENTRY + f"keep_alive = {value}\n")
+    assert message.startswith("models.toml: models[0] (tiny): keep_alive: ")
+    assert reason in message
+
+
+# ---------------------------------------------------------------- files that do not load
+
+
+def test_invalid_utf8_is_a_catalog_error(tmp_path: Path) -> None:
+    # Was a UnicodeDecodeError out of Catalog.load.
+    path = tmp_path / "models.toml"
+    path.write_bytes(GOOD_ENTRY.encode() + b'description = "caf\xe9"\n')
+    with pytest.raises(CatalogError) as info:
+        Catalog.load(path)
+    assert str(info.value) == "models.toml: not valid UTF-8 (byte 81)"
+
+
+def test_deeply_nested_toml_is_a_catalog_error(tmp_path: Path) -> None:
+    # tomllib recurses per level: a RecursionError out of Catalog.load.
+    message = catalog_error(tmp_path, GOOD_ENTRY + "x = " + "[" * 5000 + "]" * 5000 + "\n")
+    assert message == "models.toml: nested too deeply"
+
+
+@pytest.mark.parametrize(
+    ("extra", "shown"),
+    [('"a\\nb" = 1\n', "a\\nb"), ('"\\u001b[2J" = 1\n', "\\x1b[2J")],
+    ids=["newline", "escape sequence"],
+)
+def test_catalog_errors_are_one_printable_line(tmp_path: Path, extra: str, shown: str) -> None:
+    message = catalog_error(tmp_path, GOOD_ENTRY + extra)
+    assert message.isprintable()
+    assert f"models[0] (tiny): {shown}: " in message
+
+
+def test_a_long_id_is_cut_short_in_messages(tmp_path: Path) -> None:
+    message = catalog_error(tmp_path, f'[[models]]\nid = "{"x" * 10_000}"\npath = "t.gguf"\n')
+    assert message == (
+        f"models.toml: models[0] ({'x' * 64}): id: String should match pattern '{_NAME}'"
+    )
+    assert len(message) < 300

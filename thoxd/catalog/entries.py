@@ -32,7 +32,11 @@ Duration = Annotated[float, BeforeValidator(parse_duration)]
 
 
 class CatalogError(Exception):
-    """models.toml is missing, unreadable, or has an invalid entry."""
+    """models.toml is missing, unreadable, or has an invalid entry; str() is one line."""
+
+    def __init__(self, message: str) -> None:
+        # Names and keys come from the file: escape what would break the line (or a terminal).
+        super().__init__("".join(c if c.isprintable() else ascii(c)[1:-1] for c in message))
 
 
 class SamplingDefaults(BaseModel):
@@ -106,18 +110,24 @@ class Catalog:
     @classmethod
     def load(cls, path: Path) -> Catalog:
         try:
-            data = tomllib.loads(path.read_text(encoding="utf-8"))
+            raw = path.read_bytes()
         except OSError as exc:
             raise CatalogError(f"cannot read catalog {path.name}: {exc.strerror}") from None
+        try:
+            data = tomllib.loads(raw.decode("utf-8"))
+        except UnicodeDecodeError as exc:
+            raise CatalogError(f"{path.name}: not valid UTF-8 (byte {exc.start})") from None
         except tomllib.TOMLDecodeError as exc:
             raise CatalogError(f"{path.name}: {exc}") from None
+        except RecursionError:
+            raise CatalogError(f"{path.name}: nested too deeply") from None
         entries = data.get("models")
         if not isinstance(entries, list) or not entries:
             raise CatalogError(f"{path.name}: needs at least one [[models]] entry")
         specs = []
         for i, entry in enumerate(entries):
             label = f"models[{i}]" + (
-                f" ({entry['id']})"
+                f" ({entry['id'][:64]})"
                 if isinstance(entry, dict) and isinstance(entry.get("id"), str)
                 else ""
             )
@@ -125,8 +135,9 @@ class Catalog:
                 specs.append(ModelSpec.model_validate(entry))
             except ValidationError as exc:
                 first = exc.errors()[0]
-                field = ".".join(str(p) for p in first["loc"]) or "entry"
-                raise CatalogError(f"{path.name}: {label}: {field}: {first['msg']}") from None
+                field = ".".join(str(p) for p in first["loc"])[:64] or "entry"
+                reason = first.get("ctx", {}).get("error", first["msg"])  # no "Value error, "
+                raise CatalogError(f"{path.name}: {label}: {field}: {reason}") from None
         return cls(specs)
 
     def find(self, model_id: str) -> ModelSpec | None:
