@@ -383,7 +383,8 @@ def test_twenty_requests_on_four_sockets(daemon: Daemon) -> None:
     async def main() -> list[Counter[str]]:
         return await asyncio.gather(*(one_socket(n) for n in range(4)))
 
-    results = asyncio.run(asyncio.wait_for(main(), 50))
+    # No deadline on the whole: on a loaded machine it takes longer; each recv has its own.
+    results = asyncio.run(main())
     done = Counter[str]()
     for result in results:
         done.update(result)
