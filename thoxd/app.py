@@ -57,6 +57,19 @@ async def _unexpected(request: Request, exc: Exception) -> Response:
     return JSONResponse(ThoxdError("Internal server error.").envelope(), status_code=500)
 
 
+def engine_config(settings: Settings) -> EngineConfig:
+    return EngineConfig(
+        models_dir=settings.resolved_models_dir,
+        threads=settings.threads,
+        slots=settings.slots,
+        queue_size=settings.queue_size,
+        batch_size=settings.batch_size,
+        draft_max=settings.draft_max,
+        memory_budget=budget_bytes(settings.memory_budget, psutil.virtual_memory().available),
+        keep_alive=settings.keep_alive,
+    )
+
+
 def create_app(
     settings: Settings,
     *,
@@ -67,22 +80,7 @@ def create_app(
 ) -> Starlette:
     catalog = catalog or Catalog.load(settings.catalog)
     catalog.get(settings.default_model)  # fail at start, not at the first request
-    if engine is None:
-        engine = Engine(
-            catalog,
-            EngineConfig(
-                models_dir=settings.resolved_models_dir,
-                threads=settings.threads,
-                slots=settings.slots,
-                queue_size=settings.queue_size,
-                batch_size=settings.batch_size,
-                draft_max=settings.draft_max,
-                memory_budget=budget_bytes(
-                    settings.memory_budget, psutil.virtual_memory().available
-                ),
-                keep_alive=settings.keep_alive,
-            ),
-        )
+    engine = engine or Engine(catalog, engine_config(settings))
     discovery = discovery or Discovery(settings)
     shutdown = shutdown or Shutdown()  # thoxd.server drives it on SIGTERM
     metrics = Metrics(engine)

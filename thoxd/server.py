@@ -206,4 +206,12 @@ def serve(settings: Settings) -> int:
         " (and on every LAN address of this machine)" if everywhere else "",
     )
     server.run()
-    return 0 if server.started else 1
+    code = 0 if server.started else 1
+    if app.state.engine.stuck:
+        # A decode outlived the shutdown, so its model was never freed; the interpreter's own
+        # exit (atexit hooks, llama.cpp's static destructors) could still tear down what that
+        # thread uses and crash. End here instead, deliberately, with the code we would have.
+        logger.warning("an engine thread was still inside llama.cpp: exiting without teardown")
+        logging.shutdown()
+        os._exit(code)
+    return code

@@ -177,7 +177,7 @@ def test_cancel_answers_with_done_and_frees_the_slot(ws: ClientConnection, daemo
     done = until_done(ws, {"long"})[-1]
     assert done["finish_reason"] == "cancelled"
     assert 0 < done["usage"]["completion_tokens"] < 3000
-    assert daemon.wait_idle(timeout=5.0) < 5.0
+    daemon.wait_idle()
 
 
 def test_cancel_of_an_unknown_id_is_an_error(ws: ClientConnection) -> None:
@@ -218,6 +218,7 @@ def test_queue_full_is_an_error_event(ws: ClientConnection) -> None:
 
 @pytest.mark.parametrize("graceful", [True, False])
 def test_disconnect_frees_the_slots(daemon: Daemon, graceful: bool) -> None:
+    cancelled = daemon.cancelled()
     with open_ws(daemon) as ws:
         send(ws, {**LONG, "id": "x"})
         send(ws, {**LONG, "id": "y"})
@@ -226,13 +227,12 @@ def test_disconnect_frees_the_slots(daemon: Daemon, graceful: bool) -> None:
             ws.close()
         else:
             ws.close_socket()  # no closing handshake: the TCP connection just goes away
-        assert daemon.wait_idle(timeout=5.0) < 5.0
+        daemon.wait_idle()
+    # Both stopped because the socket went away, long before their 3000 tokens.
+    assert daemon.cancelled() == cancelled + 2
     with open_ws(daemon) as again:
-        started = time.monotonic()
         send(again, {**COUNTING, "max_tokens": 4, "id": "next"})
-        first_delta(again)
-        assert time.monotonic() - started < 5.0
-        until_done(again, {"next"})
+        assert until_done(again, {"next"})[-1]["finish_reason"] == "length"
 
 
 def test_cancel_of_a_waiting_request_answers_at_once(ws: ClientConnection) -> None:

@@ -187,7 +187,10 @@ def eager(default_spec: ModelSpec, model_file: Path, models_dir: Path) -> Iterat
 def test_the_step_costs_were_measured_at_load(model: LoadedModel) -> None:
     asyncio.run(run_prompt(model, "Hello", max_tokens=1))  # served once they are measured
     costs = model.scheduler._costs.ms  # what the plan reads
-    assert sorted(costs) == row_counts(4, 16)
+    wanted = row_counts(4, 16)
+    # Smallest first, until the time budget ran out (all of them on an idle machine; a busy
+    # one may stop early, and what was not measured is never planned).
+    assert costs and sorted(costs) == wanted[: len(costs)]
     assert all(ms > 0 for ms in costs.values())
 
 

@@ -176,10 +176,10 @@ def test_a_hostile_file_is_refused_fast_and_the_others_keep_serving(shelf: Path)
 
     async def scenario(engine: Engine) -> None:
         await _touch(engine, "a")
-        started = time.monotonic()
         with pytest.raises(ModelFileRejected) as refused:
             await engine.load("bad")
-        assert time.monotonic() - started < 1.0
+        # Refused by our own header check, before llama.cpp ever opened the file.
+        assert "over the limit" in refused.value.message
         assert refused.value.status == 422 and "bad" in refused.value.message
         assert str(shelf) not in refused.value.message
         with pytest.raises(ModelFileRejected):

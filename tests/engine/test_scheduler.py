@@ -3,7 +3,6 @@
 from __future__ import annotations
 
 import asyncio
-import time
 from collections.abc import Iterator
 from pathlib import Path
 
@@ -88,11 +87,9 @@ def test_cancel_frees_the_slot_within_a_step(model: LoadedModel) -> None:
                 return event
         raise AssertionError("no Finished")
 
-    started = time.monotonic()
     fin = asyncio.run(scenario())
     assert fin.finish_reason == "cancelled"
-    assert fin.completion_tokens < 50
-    assert time.monotonic() - started < 10
+    assert fin.completion_tokens < 50  # of 4000: it stopped within a step or two
     assert model.stats().running == 0
 
 

@@ -4,10 +4,12 @@ mid-stream."""
 from __future__ import annotations
 
 import asyncio
+import contextlib
 import json
 import os
 import re
 import signal
+import threading
 import time
 from collections.abc import Awaitable, Callable
 from pathlib import Path
@@ -28,22 +30,20 @@ from thoxd.guards.shutdown import Shutdown, ShutdownGate
 def test_drain_waits_for_running_requests_up_to_the_grace_period() -> None:
     async def scenario() -> None:
         shutdown = Shutdown()
-        started = time.monotonic()
-        assert await shutdown.drain(5)  # nothing running: at once
-        assert time.monotonic() - started < 0.5 and shutdown.draining
+        assert await shutdown.drain(60)  # nothing running: done (the test would hang otherwise)
+        assert shutdown.draining
 
         with shutdown.track():
-            started = time.monotonic()
             assert not await shutdown.drain(0.3)  # still running when the grace period ends
-            assert 0.3 <= time.monotonic() - started < 1
-            assert not await shutdown.drain(5, give_up=lambda: True)  # a second Ctrl+C
+            assert not await shutdown.drain(60, give_up=lambda: True)  # a second Ctrl+C
 
-        task = asyncio.create_task(asyncio.sleep(0.2))
+        release = asyncio.Event()
+        task = asyncio.create_task(release.wait())
         shutdown.track_task(task)
         assert shutdown.active == 1
-        started = time.monotonic()
-        assert await shutdown.drain(5)  # ends when the request does
-        assert 0.15 < time.monotonic() - started < 1 and shutdown.active == 0
+        asyncio.get_running_loop().call_soon(release.set)
+        assert await shutdown.drain(60)  # ends when the request does
+        assert task.done() and shutdown.active == 0
 
     asyncio.run(scenario())
 
@@ -219,15 +219,17 @@ def test_sigterm_ends_streams_after_the_grace_period(tmp_path: Path, models_dir:
     finally:
         daemon.stop()
     sigterm, draining = run["sigterm"], run["draining"]
-    assert draining < sigterm + GRACE  # new requests were refused during the grace period
 
-    # SSE: the whole grace period, then a final error event, then the end (no [DONE]).
+    # SSE: tokens until the grace period was over, then a final error event, then the end (no
+    # [DONE]); new requests were refused before that (during the grace period).
     sse: Stream = run["sse"]
     assert sse.status == 200
     when, last = sse.events[-1]
     assert json.loads(last)["error"]["code"] == "shutting_down", sse.events[-3:]
     assert "[DONE]" not in [data for _, data in sse.events]
-    assert when > sigterm + GRACE - 0.2
+    assert sigterm < draining < when
+    assert sum(1 for t, _ in sse.events if t > draining) > 1  # it kept streaming meanwhile
+    assert "grace period over: ending" in daemon.log()
 
     # A plain (not streamed) request still running: 503 shutting_down instead of its answer.
     plain: httpx.Response = run["plain"]
@@ -279,13 +281,11 @@ async def _sigterm_with_a_short_generation_waiting(daemon: Daemon) -> dict[str, 
         endless.task.cancel()  # the client goes away: its slot frees, the short one starts
         await asyncio.wait_for(short.task, LONG_GRACE)
         code = await asyncio.to_thread(daemon.proc.wait, LONG_GRACE)
-        exited = time.monotonic()
     return {
         "sigterm": sigterm,
         "draining": draining_at,
         "short": short,
         "code": code,
-        "exited": exited,
     }
 
 
@@ -310,5 +310,65 @@ def test_a_short_generation_in_flight_at_sigterm_finishes_normally(
     assert last_chunk["choices"][0]["finish_reason"] == "length", short.events[-2:]
     # Then the daemon exited 0 at once, not at the end of the grace period.
     assert run["code"] == 0, daemon.log()
-    assert run["exited"] - short.events[-1][0] < 10
-    assert run["exited"] < run["sigterm"] + LONG_GRACE
+    assert "grace period over" not in daemon.log()
+
+
+# -- what never stops in time ---------------------------------------------------------------------
+
+
+def _post_in_background(url: str, body: dict[str, Any]) -> None:
+    """A request whose answer nobody waits for (the daemon goes away under it)."""
+
+    def post() -> None:
+        with contextlib.suppress(httpx.HTTPError):
+            httpx.post(url, json=body, timeout=120)
+
+    threading.Thread(target=post, daemon=True).start()
+
+
+@pytest.mark.slow
+def test_sigterm_during_a_long_embedding_exits_cleanly(tmp_path: Path, models_dir: Path) -> None:
+    """Embeddings run a chunk at a time, so the engine thread stops between two chunks; it
+    used to sit in one long job while its model was freed under it (SIGSEGV)."""
+    daemon = Daemon(tmp_path, models_dir, "--shutdown-grace-seconds", "0")
+    try:
+        daemon.wait_ready()
+        body = {"model": "thox-coder", "input": ["word " * 7000] * 3}
+        _post_in_background(daemon.url + "/v1/embeddings", body)
+        deadline = time.monotonic() + 60
+        while not daemon.busy():
+            assert time.monotonic() < deadline, daemon.log()
+            time.sleep(0.05)
+        os.kill(daemon.proc.pid, signal.SIGTERM)
+        code = daemon.proc.wait(60)
+    finally:
+        daemon.stop()
+    assert code == 0, daemon.log()
+
+
+@pytest.mark.slow
+def test_a_decode_that_outlives_the_shutdown_ends_the_process_deliberately(
+    tmp_path: Path, models_dir: Path
+) -> None:
+    """A decode that never returns (injected): the model is not freed under it, and the process
+    ends with exit code 0 and says why, instead of dying of a signal."""
+    daemon = Daemon(
+        tmp_path, models_dir, "--shutdown-grace-seconds", "0",
+        module="tests.faulty_daemon",
+        env={"THOXD_TEST_FAULT": "hang-decode", "THOXD_TEST_STOP_TIMEOUT": "0.5"},
+    )  # fmt: skip
+    try:
+        daemon.wait_ready()
+        _post_in_background(daemon.url + "/v1/completions", {**LONG, "max_tokens": 4})
+        deadline = time.monotonic() + 60
+        while "this decode never returns" not in daemon.log():
+            assert time.monotonic() < deadline, daemon.log()
+            time.sleep(0.05)
+        os.kill(daemon.proc.pid, signal.SIGTERM)
+        code = daemon.proc.wait(60)
+    finally:
+        daemon.stop()
+    log = daemon.log()
+    assert code == 0, log
+    assert "the engine thread did not stop" in log
+    assert "exiting without teardown" in log
