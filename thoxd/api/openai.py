@@ -28,12 +28,9 @@ from thoxd.api.schemas import (
 from thoxd.api.shapes import Envelope
 from thoxd.api.start import Started, split_prompts, start_chat, start_completion
 from thoxd.engine import Delta, Embedding, Engine, Failed, Finished
-from thoxd.errors import InvalidRequest
 from thoxd.guards.shutdown import Shutdown, shutting_down
 
 SSE_HEADERS = {"Cache-Control": "no-cache", "X-Accel-Buffering": "no"}
-# Inputs in one embeddings request (OpenAI's own limit); they are embedded one after another.
-MAX_INPUTS = 2048
 
 
 async def merged_events(started: Started) -> AsyncIterator[tuple[int, Delta | Finished | Failed]]:
@@ -173,11 +170,7 @@ class OpenAIRoutes:
 
     async def embeddings(self, request: Request) -> Response:
         body = parse(EmbeddingRequest, await request.body())
-        items = split_prompts(body.input)
-        if len(items) > MAX_INPUTS:
-            raise InvalidRequest(
-                f"At most {MAX_INPUTS} inputs per request ({len(items)} were sent).", param="input"
-            )
+        items = split_prompts(body.input)  # at most 2048 (schemas.py), embedded one by one
         async with self.engine.use(body.model, body.keep_alive) as model:
             inputs = [
                 await model.tokenize(item, add_special=True) if isinstance(item, str) else item

@@ -1,11 +1,11 @@
 """Embeddings on a model's engine thread, one chunk at a time between generation steps.
 
-A second llama.cpp context over the same weights (made on first use) decodes `EMBED_BATCH` tokens
-of the current input per call; their per-token embeddings are summed as they come, and the mean,
-normalised, is the input's vector (what llama.cpp's mean pooling computes). Chunking keeps memory
-flat whatever the input's length (llama.cpp computes logits for every token of a ubatch), lets
-running streams keep their pace (one chunk costs about one step), and lets a request that was
-cancelled stop after the chunk in hand.
+A second llama.cpp context over the same weights (made on first use) decodes a chunk of the
+current input per call (`EMBED_BATCH` tokens, `EMBED_SHARED` while generations run); their
+per-token embeddings are summed as they come, and the mean, normalised, is the input's vector
+(what llama.cpp's mean pooling computes). Chunking keeps memory flat whatever the input's length
+(llama.cpp computes logits for every token of a ubatch), lets running streams go on between
+chunks, and lets a request that was cancelled stop after the chunk in hand.
 """
 
 from __future__ import annotations
@@ -18,6 +18,10 @@ from thoxd.errors import EngineFailure
 
 # Tokens per embedding decode: memory follows this, not the input's length.
 EMBED_BATCH = 64
+# Tokens per decode while generations run beside it: a chunk holds their next token back for as
+# long as it takes (~4 ms a token for Gemma 3 on 2 cores, most of it the output layer llama.cpp
+# computes for every token), so a smaller one keeps streams smooth.
+EMBED_SHARED = 16
 
 
 class Embedder:
@@ -28,15 +32,17 @@ class Embedder:
         self._ctx: LlamaContext | None = None
         self._batch: Batch | None = None
 
-    def step(self, job: Embedding) -> bool:
-        """Embed the next chunk of `job`'s current input; True once every input has its vector.
-        A failed decode raises EngineFailure and leaves the context empty for the next job."""
+    def step(self, job: Embedding, *, shared: bool = False) -> bool:
+        """Embed the next chunk of `job`'s current input (a small one when generations are
+        `shared` the thread); True once every input has its vector. A failed decode raises
+        EngineFailure and leaves the context empty for the next job."""
         ctx, batch = self._context()
         tokens = job.inputs[len(job.vectors)]
         if job.position == 0:  # a new input: its positions start at 0 in an empty cache
             ctx.clear()
             job.total = np.zeros(self._model.n_embd, dtype=np.float64)
-        chunk = tokens[job.position : job.position + EMBED_BATCH]
+        size = min(EMBED_SHARED, EMBED_BATCH) if shared else EMBED_BATCH
+        chunk = tokens[job.position : job.position + size]
         batch.clear()
         for k, token in enumerate(chunk):
             batch.add(token, job.position + k, 0, logits=True)

@@ -220,13 +220,12 @@ class Scheduler:
         assert self._embedder is not None
         try:
             self._faults.embed(self._name, len(job.inputs[len(job.vectors)]))
-            done = self._embedder.step(job)
+            done = self._embedder.step(job, shared=self._busy())
         except Exception as exc:
             logger.error("model %s: an embedding failed: %r", self._name, exc)
             self._embedder.reset()
+            job.fail(EngineFailure("The model failed to embed this input."))
             done = True
-            failure = exc if isinstance(exc, ThoxdError) else None
-            job.fail(failure or EngineFailure("The model failed to embed this input."))
         else:
             if done:
                 job.finish()
