@@ -420,6 +420,40 @@ def test_check_reports_a_packaged_file_not_assembled_yet(
     assert not (models / "p.gguf").exists()  # check assembles nothing
 
 
+def test_check_reports_a_file_of_an_installed_distribution_not_copied_yet(
+    tmp_path: Path,
+    models: Path,
+    monkeypatch: pytest.MonkeyPatch,
+    capsys: pytest.CaptureFixture[str],
+) -> None:
+    site = tmp_path / "site"
+    (site / "thoxd_test_dist").mkdir(parents=True)
+    (site / "thoxd_test_dist" / "m.gguf").write_bytes(b"GGUF")
+    info = site / "thoxd_test_dist-1.0.dist-info"
+    info.mkdir()
+    (info / "METADATA").write_text("Metadata-Version: 2.1\nName: thoxd-test-dist\nVersion: 1.0\n")
+    (info / "RECORD").write_text("thoxd_test_dist/m.gguf,,\n")
+    monkeypatch.syspath_prepend(str(site))
+    sha = "a" * 64
+    catalog = write_catalog(
+        tmp_path / "c.toml",
+        f'[[models]]\nid = "p"\npath = "p.gguf"\npackage = "thoxd-test-dist"\nsha256 = "{sha}"\n'
+        'package_file = "thoxd_test_dist/m.gguf"\n'
+        f'[[models]]\nid = "q"\npath = "q.gguf"\npackage = "thoxd-test-dist"\nsha256 = "{sha}"\n'
+        'package_file = "thoxd_test_dist/other.gguf"\n'
+        f'[[models]]\nid = "r"\npath = "r.gguf"\npackage = "thoxd-test-gone"\nsha256 = "{sha}"\n'
+        'package_file = "thoxd_test_gone/m.gguf"\n',
+    )
+    assert main(["models", "check", "--catalog", str(catalog), "--models-dir", str(models)]) == 1
+    lines = capsys.readouterr().out.splitlines()
+    assert lines[0].startswith("OK    p")
+    assert "not assembled yet (package thoxd-test-dist)" in lines[0]
+    assert lines[1].startswith("FAIL  q")
+    assert "has no file thoxd_test_dist/other.gguf" in lines[1]
+    assert lines[2].startswith("FAIL  r") and "package thoxd-test-gone is not installed" in lines[2]
+    assert list(models.glob("*.gguf")) == []  # check copies nothing
+
+
 # ---------------------------------------------------------------- list
 
 

