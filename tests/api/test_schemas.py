@@ -44,16 +44,6 @@ def test_valid_chat_with_text_content_parts() -> None:
     assert req.messages[0].text() == "Hello"
 
 
-def test_template_messages_map_developer_to_system() -> None:
-    messages = [{"role": "developer", "content": "Be brief."}, USER, {"role": "assistant"}]
-    req = parse(ChatRequest, chat(messages=messages))
-    assert req.template_messages() == [
-        {"role": "system", "content": "Be brief."},
-        {"role": "user", "content": "Hello"},
-        {"role": "assistant", "content": ""},
-    ]
-
-
 def test_integer_temperature_is_accepted() -> None:
     # JSON has one number type; clients send `"temperature": 1`.
     assert parse(ChatRequest, chat(temperature=1)).temperature == 1.0
@@ -282,36 +272,60 @@ def test_model_action_accepts_a_256_character_id() -> None:
     assert parse(ModelAction, {"model_id": "x" * 256}).model_id == "x" * 256
 
 
+TOOL = {"type": "function", "function": {"name": "f"}}
+
+
 @pytest.mark.parametrize(
     ("fields", "param"),
-    [({"logprobs": True}, "logprobs"), ({"top_logprobs": 2}, "top_logprobs"),
-     ({"response_format": {"type": "json_schema", "json_schema": {}}}, "response_format"),
-     ({"tools": [{"type": "function"}]}, "tools"),
-     ({"tools": [{"type": "function"}], "tool_choice": "auto"}, "tools")],
+    [({"top_logprobs": 2}, "top_logprobs"),  # without logprobs
+     ({"response_format": {"type": "json_schema"}}, "response_format"),
+     ({"tool_choice": "required"}, "tool_choice"),  # without tools
+     ({"tools": [TOOL], "tool_choice": {"type": "function", "function": {"name": "g"}}},
+      "tool_choice"),
+     ({"tools": [TOOL], "response_format": {"type": "json_object"}}, "response_format"),
+     ({"messages": [{"role": "tool", "content": "42"}]}, "messages[0].tool_call_id")],
 )  # fmt: skip
-def test_chat_fields_asking_for_other_output_are_unsupported(
+def test_chat_fields_that_contradict_each_other_are_refused(
     fields: dict[str, Any], param: str
 ) -> None:
     req = parse(ChatRequest, chat(**fields))
-    with pytest.raises(UnsupportedParameter) as info:
+    with pytest.raises(InvalidRequest) as info:
         req.check_supported()
     assert info.value.status == 400 and info.value.param == param
 
 
 @pytest.mark.parametrize(
-    "fields",
-    [{}, {"logprobs": False, "top_logprobs": 0}, {"response_format": {"type": "text"}},
-     {"tools": [], "tool_choice": "auto"},
-     {"tools": [{"type": "function"}], "tool_choice": "none"}],
+    ("fields", "param"),
+    [({"tools": [{"type": "function"}]}, "tools[0].function"),
+     ({"tools": [{"type": "function", "function": {"name": "bad name"}}]},
+      "tools[0].function.name"),
+     ({"response_format": {"type": "xml"}}, "response_format.type"),
+     ({"top_logprobs": 21, "logprobs": True}, "top_logprobs")],
 )  # fmt: skip
-def test_chat_fields_that_change_nothing_are_supported(fields: dict[str, Any]) -> None:
+def test_malformed_structured_fields_name_the_field(fields: dict[str, Any], param: str) -> None:
+    assert refused(ChatRequest, chat(**fields)).param == param
+
+
+@pytest.mark.parametrize(
+    "fields",
+    [{}, {"logprobs": False, "top_logprobs": 0}, {"logprobs": True, "top_logprobs": 20},
+     {"response_format": {"type": "text"}}, {"response_format": {"type": "json_object"}},
+     {"response_format": {"type": "json_schema", "json_schema": {"name": "x", "schema": {}}}},
+     {"tools": [], "tool_choice": "auto"}, {"tools": [TOOL], "tool_choice": "none"},
+     {"tools": [TOOL], "tool_choice": {"type": "function", "function": {"name": "f"}}},
+     {"messages": [{"role": "assistant", "content": None, "tool_calls": [
+         {"id": "c1", "type": "function", "function": {"name": "f", "arguments": "{}"}}]},
+      {"role": "tool", "tool_call_id": "c1", "content": "ok"}]}],
+)  # fmt: skip
+def test_chat_fields_that_parse(fields: dict[str, Any]) -> None:
     parse(ChatRequest, chat(**fields)).check_supported()
 
 
-def test_completion_logprobs_are_unsupported_and_echo_suffix_parse() -> None:
+def test_completion_logprobs_and_echo_suffix_parse() -> None:
     body = {"model": "m", "prompt": "p", "logprobs": 0}
+    assert parse(CompletionRequest, body).logprobs_wanted == 0
     with pytest.raises(UnsupportedParameter):
-        parse(CompletionRequest, body).check_supported()
+        parse(CompletionRequest, {**body, "echo": True}).check_supported()
     req = parse(CompletionRequest, {"model": "m", "prompt": "p", "echo": True, "suffix": "s"})
     req.check_supported()
     assert req.echo is True and req.suffix == "s"

@@ -10,7 +10,7 @@ import asyncio
 import base64
 import json
 import struct
-from collections.abc import AsyncIterator, Awaitable, Callable
+from collections.abc import AsyncIterator, Awaitable, Callable, Iterator
 from typing import Any
 
 from starlette.requests import Request
@@ -25,9 +25,10 @@ from thoxd.api.schemas import (
     GenerationBody,
     parse,
 )
-from thoxd.api.shapes import Envelope
+from thoxd.api.shapes import Choice, Envelope
 from thoxd.api.start import Started, split_prompts, start_chat, start_completion
-from thoxd.engine import Delta, Embedding, Engine, Failed, Finished
+from thoxd.api.toolcalls import Output
+from thoxd.engine import Delta, Embedding, Engine, Failed, Finished, TokenLogprob
 from thoxd.guards.shutdown import Shutdown, shutting_down
 
 SSE_HEADERS = {"Cache-Control": "no-cache", "X-Accel-Buffering": "no"}
@@ -119,11 +120,16 @@ class OpenAIRoutes:
 
     async def _collect(self, started: Started, envelope: Envelope) -> dict[str, Any]:
         n = len(started.generations)
-        texts: list[list[str]] = [[] for _ in range(n)]
+        outputs = started.outputs()
+        logprobs: list[list[TokenLogprob] | None] = [
+            [] if g.logprobs is not None else None for g in started.generations
+        ]
         finished: list[Finished | None] = [None] * n
         async for index, event in merged_events(started):
             if isinstance(event, Delta):
-                texts[index].append(event.text)
+                outputs[index].feed(event.text)
+                if (kept := logprobs[index]) is not None:
+                    kept.extend(event.logprobs)
             elif isinstance(event, Failed):
                 started.cancel()
                 raise event.error
@@ -131,22 +137,29 @@ class OpenAIRoutes:
                 raise shutting_down()
             else:
                 finished[index] = event
-        done = [f for f in finished if f is not None]
-        return envelope.completion(["".join(t) for t in texts], done)
+        choices = [
+            Choice(out.finish(), fin, lps)
+            for out, fin, lps in zip(outputs, finished, logprobs, strict=True)
+            if fin is not None
+        ]
+        return envelope.completion(choices)
 
     async def _sse(
         self, started: Started, envelope: Envelope, include_usage: bool
     ) -> AsyncIterator[str]:
         finished: list[Finished] = []
+        outputs = started.outputs()
+        offsets = [0] * len(outputs)  # where each text completion's next piece starts
         # Past the shutdown's grace period: cancelled, and ended with a shutting_down event.
         forget = self.shutdown.at_end(started.cancel)
         try:
             if envelope.chat:
                 for index in range(len(started.generations)):
-                    yield _sse_data(envelope.chunk(index, "", role=True))
+                    yield _sse_data(envelope.chunk(index, {"content": ""}, role=True))
             async for index, event in merged_events(started):
                 if isinstance(event, Delta):
-                    yield envelope.delta_event(index, event.text)
+                    for chunk in self._pieces(envelope, index, event, outputs[index], offsets):
+                        yield chunk
                 elif isinstance(event, Failed):
                     yield _sse_data(event.error.envelope())
                     return
@@ -154,8 +167,11 @@ class OpenAIRoutes:
                     yield _sse_data(shutting_down().envelope())
                     return
                 else:
+                    for delta in outputs[index].flush():
+                        yield _sse_data(envelope.chunk(index, delta))
                     finished.append(event)
-                    last = envelope.chunk(index, None, event.finish_reason)
+                    reason = Choice(outputs[index].finish(), event).finish_reason
+                    last = envelope.chunk(index, None, reason)
                     last["timings"] = event.timings.as_dict()
                     yield _sse_data(last)
             if include_usage:
@@ -165,6 +181,26 @@ class OpenAIRoutes:
             # Runs when the client disconnects too: the slots are freed within one step.
             started.cancel()
             forget()
+
+    @staticmethod
+    def _pieces(
+        envelope: Envelope, index: int, event: Delta, output: Output, offsets: list[int]
+    ) -> Iterator[str]:
+        """The SSE events for one engine delta: its text read through the choice's output
+        (content, or tool call pieces), its tokens' log probabilities with the first of them."""
+        deltas = output.feed(event.text)
+        logprobs = list(event.logprobs) if event.logprobs else None
+        if logprobs is None and len(deltas) == 1 and set(deltas[0]) == {"content"}:
+            yield envelope.delta_event(index, deltas[0]["content"])  # the common, fast case
+            offsets[index] += len(deltas[0]["content"])
+            return
+        if logprobs is not None and not deltas:
+            deltas = [{}] if envelope.chat else [{"content": ""}]
+        for delta in deltas:
+            chunk = envelope.chunk(index, delta, logprobs=logprobs, offset=offsets[index])
+            offsets[index] += len(delta.get("content", ""))
+            logprobs = None
+            yield _sse_data(chunk)
 
     # -- embeddings ------------------------------------------------------------------------
 

@@ -38,10 +38,25 @@ class TextPart(_Body):
     text: str
 
 
+class FunctionCall(_Body):
+    name: str = Field(min_length=1, max_length=256)
+    arguments: str = Field(max_length=1 << 20)  # JSON text, as the model wrote it
+
+
+class ToolCall(_Body):
+    """A tool call an assistant message made (sent back in the conversation)."""
+
+    id: str = Field(min_length=1, max_length=256)
+    type: Literal["function"] = "function"
+    function: FunctionCall
+
+
 class ChatMessage(_Body):
     role: Literal["system", "developer", "user", "assistant", "tool"]
     content: str | list[TextPart] | None = None
     name: str | None = None
+    tool_calls: list[ToolCall] | None = Field(None, max_length=128)
+    tool_call_id: str | None = Field(None, max_length=256)
 
     def text(self) -> str:
         if self.content is None:
@@ -88,6 +103,11 @@ class GenerationBody(_Body):
         """Raise UnsupportedParameter for a field whose promise about the output we cannot keep."""
 
     @property
+    def logprobs_wanted(self) -> int | None:
+        """Report each token's log probability and this many alternatives (None: not asked)."""
+        return None
+
+    @property
     def stops(self) -> tuple[str, ...]:
         if self.stop is None:
             return ()
@@ -102,45 +122,89 @@ class GenerationBody(_Body):
         return self.stream_options is not None and self.stream_options.include_usage
 
 
-_NO_LOGPROBS = "Log probabilities are not supported yet: send the request without '{}'."
+class JsonSchema(_Body):
+    name: str = Field("response", min_length=1, max_length=64, pattern=r"^[A-Za-z0-9_-]+$")
+    description: str | None = None
+    schema_: dict[str, Any] | None = Field(None, alias="schema")
+    strict: bool | None = None
 
 
 class ResponseFormat(_Body):
+    """`json_object`: any JSON object; `json_schema`: a document valid against the schema. Both
+    are enforced by a grammar while sampling (thoxd/engine/schema.py)."""
+
     type: Literal["text", "json_object", "json_schema"]
+    json_schema: JsonSchema | None = None
+
+
+class FunctionDef(_Body):
+    name: str = Field(min_length=1, max_length=64, pattern=r"^[A-Za-z0-9_-]+$")
+    description: str | None = Field(None, max_length=8192)
+    parameters: dict[str, Any] | None = None
+    strict: bool | None = None
+
+
+class Tool(_Body):
+    type: Literal["function"]
+    function: FunctionDef
+
+
+class ChosenFunction(_Body):
+    name: str = Field(min_length=1, max_length=64)
+
+
+class NamedToolChoice(_Body):
+    type: Literal["function"]
+    function: ChosenFunction
 
 
 class ChatRequest(GenerationBody):
     messages: list[ChatMessage] = Field(min_length=1, max_length=4096)
-    # Accepted so that they can be refused by name (check_supported), not silently dropped.
     logprobs: bool = False
     top_logprobs: int | None = Field(None, ge=0, le=20)
     response_format: ResponseFormat | None = None
-    tools: list[dict[str, Any]] | None = None
-    tool_choice: str | dict[str, Any] | None = None
+    tools: list[Tool] | None = Field(None, max_length=128)
+    tool_choice: Literal["none", "auto", "required"] | NamedToolChoice | None = None
+    parallel_tool_calls: bool = True
 
     def check_supported(self) -> None:
-        if self.logprobs or self.top_logprobs:
-            param = "logprobs" if self.logprobs else "top_logprobs"
-            raise UnsupportedParameter(_NO_LOGPROBS.format(param), param=param)
-        if self.response_format is not None and self.response_format.type != "text":
-            raise UnsupportedParameter(
-                f"response_format '{self.response_format.type}' (JSON mode) is not supported"
-                " yet; without it the model answers in free text.",
+        if self.top_logprobs and not self.logprobs:
+            raise InvalidRequest("'top_logprobs' needs 'logprobs': true.", param="top_logprobs")
+        fmt = self.response_format
+        if fmt is not None and fmt.type == "json_schema" and fmt.json_schema is None:
+            raise InvalidRequest(
+                "response_format 'json_schema' needs its 'json_schema' object.",
                 param="response_format",
             )
-        if self.tools and self.tool_choice != "none":
-            raise UnsupportedParameter(
-                "Tool calling is not supported yet: send the request without 'tools'"
-                " (or with tool_choice 'none').",
-                param="tools",
+        if self.tool_choice not in (None, "none", "auto") and not self.tools:
+            raise InvalidRequest("'tool_choice' needs 'tools'.", param="tool_choice")
+        if isinstance(self.tool_choice, NamedToolChoice) and self.tools:
+            names = {t.function.name for t in self.tools}
+            if self.tool_choice.function.name not in names:
+                raise InvalidRequest(
+                    f"tool_choice names '{self.tool_choice.function.name}', which is not one of"
+                    " the tools.",
+                    param="tool_choice",
+                )
+        if self.tools and self.uses_tools and fmt is not None and fmt.type != "text":
+            raise InvalidRequest(
+                "Send 'tools' or a JSON 'response_format', not both: tool calls are JSON already.",
+                param="response_format",
             )
+        for i, message in enumerate(self.messages):
+            if message.role == "tool" and not message.tool_call_id:
+                raise InvalidRequest(
+                    "A 'tool' message needs the 'tool_call_id' it answers.",
+                    param=f"messages[{i}].tool_call_id",
+                )
 
-    def template_messages(self) -> list[dict[str, Any]]:
-        # "developer" is OpenAI's new name for "system".
-        return [
-            {"role": "system" if m.role == "developer" else m.role, "content": m.text()}
-            for m in self.messages
-        ]
+    @property
+    def uses_tools(self) -> bool:
+        return bool(self.tools) and self.tool_choice != "none"
+
+    @property
+    def logprobs_wanted(self) -> int | None:
+        return (self.top_logprobs or 0) if self.logprobs else None
 
 
 # Token ids are range-checked once the union has matched (_prompt), in one clear message.
@@ -180,10 +244,24 @@ class CompletionRequest(GenerationBody):
     suffix: str | None = None
     echo: bool = False  # the prompt's text comes first in each choice's text
     logprobs: int | None = Field(None, ge=0, le=5)
+    response_format: ResponseFormat | None = None
 
     def check_supported(self) -> None:
-        if self.logprobs is not None:
-            raise UnsupportedParameter(_NO_LOGPROBS.format("logprobs"), param="logprobs")
+        fmt = self.response_format
+        if fmt is not None and fmt.type == "json_schema" and fmt.json_schema is None:
+            raise InvalidRequest(
+                "response_format 'json_schema' needs its 'json_schema' object.",
+                param="response_format",
+            )
+        if self.echo and self.logprobs is not None:
+            raise UnsupportedParameter(
+                "'logprobs' with 'echo' (the prompt's own log probabilities) is not supported.",
+                param="logprobs",
+            )
+
+    @property
+    def logprobs_wanted(self) -> int | None:
+        return self.logprobs
 
 
 class EmbeddingRequest(_Body):

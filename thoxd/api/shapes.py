@@ -5,10 +5,12 @@ from __future__ import annotations
 import json
 import secrets
 import time
+from dataclasses import dataclass
 from typing import Any
 
 from thoxd import __version__
-from thoxd.engine import Finished
+from thoxd.api.toolcalls import Message
+from thoxd.engine import Finished, TokenLogprob
 
 FINGERPRINT = f"thoxd-{__version__}"
 _MARK = "\x00thoxd\x00"  # stands for the text while a chunk template is encoded
@@ -59,43 +61,58 @@ class Envelope:
             "system_fingerprint": FINGERPRINT,
         }
 
-    def completion(self, texts: list[str], finished: list[Finished]) -> dict[str, Any]:
+    def completion(self, choices: list[Choice]) -> dict[str, Any]:
+        """The whole answer: one choice per prompt (or per chat choice), as finished."""
+        finished = [c.finished for c in choices]
         if self.chat:
-            choices = [
+            body = [
                 {
                     "index": i,
-                    "message": {"role": "assistant", "content": text},
-                    "logprobs": None,
-                    "finish_reason": f.finish_reason,
+                    "message": _message(c.message),
+                    "logprobs": chat_logprobs(c.logprobs) if c.logprobs is not None else None,
+                    "finish_reason": c.finish_reason,
                 }
-                for i, (text, f) in enumerate(zip(texts, finished, strict=True))
+                for i, c in enumerate(choices)
             ]
         else:
-            choices = [
-                {"index": i, "text": text, "logprobs": None, "finish_reason": f.finish_reason}
-                for i, (text, f) in enumerate(zip(texts, finished, strict=True))
+            body = [
+                {
+                    "index": i,
+                    "text": c.message.content or "",
+                    "logprobs": (
+                        text_logprobs(c.logprobs, c.offset) if c.logprobs is not None else None
+                    ),
+                    "finish_reason": c.finish_reason,
+                }
+                for i, c in enumerate(choices)
             ]
         return {
             **self._head("chat.completion" if self.chat else "text_completion"),
-            "choices": choices,
+            "choices": body,
             "usage": total_usage(finished),
             "timings": timings(finished),
         }
 
     def chunk(
-        self, index: int, text: str | None, finish_reason: str | None = None, *, role: bool = False
+        self,
+        index: int,
+        delta: dict[str, Any] | None,
+        finish_reason: str | None = None,
+        *,
+        role: bool = False,
+        logprobs: list[TokenLogprob] | None = None,
+        offset: int = 0,
     ) -> dict[str, Any]:
-        """One streamed piece of choice `index` (text None: an empty delta, e.g. the last)."""
+        """One streamed piece of choice `index`: a chat delta (content, or tool call pieces), or
+        for a text completion {"content": text}; None: an empty delta, e.g. the last."""
+        delta = delta or {}
         if self.chat:
-            delta: dict[str, Any] = {}
-            if role:
-                delta["role"] = "assistant"
-            if text is not None:
-                delta["content"] = text
-            choice: dict[str, Any] = {"index": index, "delta": delta}
+            shown = {"role": "assistant", **delta} if role else dict(delta)
+            choice: dict[str, Any] = {"index": index, "delta": shown}
+            choice["logprobs"] = chat_logprobs(logprobs) if logprobs is not None else None
         else:
-            choice = {"index": index, "text": text or ""}
-        choice["logprobs"] = None
+            choice = {"index": index, "text": delta.get("content", "")}
+            choice["logprobs"] = text_logprobs(logprobs, offset) if logprobs is not None else None
         choice["finish_reason"] = finish_reason
         obj = "chat.completion.chunk" if self.chat else "text_completion"
         return {**self._head(obj), "choices": [choice]}
@@ -105,7 +122,7 @@ class Envelope:
         response and only the text per token (this runs for every token streamed)."""
         halves = self._delta_templates.get(index)
         if halves is None:
-            encoded = json.dumps(self.chunk(index, _MARK), separators=(",", ":"))
+            encoded = json.dumps(self.chunk(index, {"content": _MARK}), separators=(",", ":"))
             head, tail = encoded.split(json.dumps(_MARK), 1)
             halves = self._delta_templates[index] = (f"data: {head}", f"{tail}\n\n")
         return halves[0] + json.dumps(text) + halves[1]
@@ -113,3 +130,66 @@ class Envelope:
     def usage_chunk(self, finished: list[Finished]) -> dict[str, Any]:
         obj = "chat.completion.chunk" if self.chat else "text_completion"
         return {**self._head(obj), "choices": [], "usage": total_usage(finished)}
+
+
+@dataclass
+class Choice:
+    """One finished choice: its message (a text completion's text is its content), the
+    tokens' log probabilities if asked for, and how it ended."""
+
+    message: Message
+    finished: Finished
+    logprobs: list[TokenLogprob] | None = None
+    offset: int = 0  # where the generated text starts in a text completion (after an echo)
+
+    @property
+    def finish_reason(self) -> str:
+        reason = self.finished.finish_reason
+        return "tool_calls" if self.message.tool_calls and reason == "stop" else reason
+
+
+def _message(message: Message) -> dict[str, Any]:
+    shown: dict[str, Any] = {"role": "assistant", "content": message.content}
+    if message.tool_calls:
+        shown["tool_calls"] = message.tool_calls
+    return shown
+
+
+def _token(piece: bytes) -> str:
+    return piece.decode("utf-8", errors="replace")
+
+
+def chat_logprobs(entries: list[TokenLogprob]) -> dict[str, Any]:
+    """OpenAI's chat shape: per token its text, bytes, log probability and the top others."""
+    content = [
+        {
+            "token": _token(e.token),
+            "logprob": e.logprob,
+            "bytes": list(e.token),
+            "top_logprobs": [
+                {"token": _token(t), "logprob": lp, "bytes": list(t)} for t, lp in e.top
+            ],
+        }
+        for e in entries
+    ]
+    return {"content": content, "refusal": None}
+
+
+def text_logprobs(entries: list[TokenLogprob], offset: int = 0) -> dict[str, Any]:
+    """The legacy completions shape: parallel lists, and each token's offset in the text."""
+    offsets = []
+    for e in entries:
+        offsets.append(offset)
+        offset += len(_token(e.token))
+    top = []
+    for e in entries:
+        alternatives: dict[str, float] = {}
+        for t, lp in e.top:
+            alternatives.setdefault(_token(t), lp)  # two tokens may read the same
+        top.append(alternatives)
+    return {
+        "tokens": [_token(e.token) for e in entries],
+        "token_logprobs": [e.logprob for e in entries],
+        "top_logprobs": top,
+        "text_offset": offsets,
+    }

@@ -7,24 +7,32 @@ once. What comes back is submitted to the engine already; the caller only reads 
 
 from __future__ import annotations
 
+import asyncio
 from dataclasses import dataclass
 
 from thoxd.api.schemas import ChatRequest, CompletionRequest, GenerationBody
-from thoxd.engine import Delta, Engine, Generation, LoadedModel, SamplingParams
+from thoxd.api.toolcalls import Output, PlainOutput
+from thoxd.api.tools import ChatPlan, plan_chat, response_grammar
+from thoxd.engine import Delta, Engine, Generation, GrammarSpec, LoadedModel, SamplingParams
 from thoxd.errors import InvalidRequest, UnsupportedParameter
 
 
 @dataclass
 class Started:
-    """Generations of one request, in choice order, all submitted."""
+    """Generations of one request, in choice order, all submitted; for a chat, how each choice's
+    text is read back (plain, or tool calls)."""
 
     model_name: str  # as the client asked for it
     model: LoadedModel
     generations: list[Generation]
+    plan: ChatPlan | None = None
 
     def cancel(self) -> None:
         for gen in self.generations:
             gen.cancel()
+
+    def outputs(self) -> list[Output]:
+        return [self.plan.output() if self.plan else PlainOutput() for _ in self.generations]
 
 
 async def start_chat(engine: Engine, body: ChatRequest) -> Started:
@@ -32,14 +40,22 @@ async def start_chat(engine: Engine, body: ChatRequest) -> Started:
     # Held from lookup to submit, so the model cannot be evicted in between; after that its
     # generations hold it until they end.
     async with engine.use(body.model, body.keep_alive) as model:
-        text = model.render_chat(body.template_messages())
+        plan = plan_chat(body, model.chat_template().source)
+        text = model.render_chat(plan.messages, plan.tools)
         tokens = await model.tokenize(text, add_special=False)
-        return _submit(model, body, [tokens], "messages")
+        if plan.grammar is not None:
+            await asyncio.to_thread(model.check_grammar, plan.grammar)
+        started = _submit(model, body, [tokens], "messages", grammar=plan.grammar)
+        started.plan = plan
+        return started
 
 
 async def start_completion(engine: Engine, body: CompletionRequest) -> Started:
     body.check_supported()
+    grammar = response_grammar(body)
     async with engine.use(body.model, body.keep_alive) as model:
+        if grammar is not None:
+            await asyncio.to_thread(model.check_grammar, grammar)
         if "completion" not in model.spec.capabilities:
             raise InvalidRequest(
                 f"The model '{model.spec.id}' does not do text completions.", param="model"
@@ -64,7 +80,7 @@ async def start_completion(engine: Engine, body: CompletionRequest) -> Started:
             if body.echo:
                 echoes.append(prompt if isinstance(prompt, str) else model.llama.detokenize(tokens))
             prompts.append(tokens if suffix is None else infill(model, tokens, suffix))
-        return _submit(model, body, prompts, "prompt", echoes if body.echo else None)
+        return _submit(model, body, prompts, "prompt", echoes if body.echo else None, grammar)
 
 
 def infill(model: LoadedModel, prefix: list[int], suffix: list[int]) -> list[int]:
@@ -110,6 +126,7 @@ def _submit(
     prompts: list[list[int]],
     param: str,
     echoes: list[str] | None = None,
+    grammar: GrammarSpec | None = None,
 ) -> Started:
     for tokens in prompts:
         if not tokens:
@@ -128,6 +145,8 @@ def _submit(
             max_tokens=room if limit is None else min(limit, room),
             stops=stops,
             stop_tokens=stop_tokens,
+            grammar=grammar,
+            logprobs=body.logprobs_wanted,
         )
         if echoes is not None and echoes[i]:
             gen.push(Delta(echoes[i]))  # queued before any token the engine sends

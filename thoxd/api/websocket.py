@@ -11,6 +11,8 @@ Client to server, one JSON object per text message:
 Server to client:
 
     {"type": "delta", "id", "model", "choices": [{"index": 0, "delta": {"content": "..."}}]}
+        the delta is an OpenAI chunk's: `content`, or `tool_calls` pieces (tools), and the
+        choice has `logprobs` when they were asked for
     {"type": "done", "id", "model", "finish_reason", "usage", "timings"}
     {"type": "error", "id" | null, "error": {"message", "type", "param", "code"}}
     {"type": "pong"}
@@ -42,7 +44,7 @@ from starlette.routing import BaseRoute, WebSocketRoute
 from starlette.websockets import WebSocket, WebSocketDisconnect, WebSocketDisconnected
 
 from thoxd.api.schemas import ChatRequest, CompletionRequest, has_lone_surrogate, parse
-from thoxd.api.shapes import new_id, usage
+from thoxd.api.shapes import Choice, chat_logprobs, new_id, usage
 from thoxd.api.start import Started, split_prompts, start_chat, start_completion
 from thoxd.engine import Delta, Engine, Failed
 from thoxd.errors import InvalidRequest, NotFound, ThoxdError
@@ -192,18 +194,26 @@ class _Connection:
             if request.cancelled or not self.open:
                 started.cancel()
             head = {"id": request.id, "model": started.model_name}
+            [output] = started.outputs()
             async for event in started.generations[0].events():
                 if isinstance(event, Delta):
-                    if event.text:
-                        delta = {"index": 0, "delta": {"content": event.text}}
-                        await self.send({"type": "delta", **head, "choices": [delta]})
+                    logprobs = chat_logprobs(list(event.logprobs)) if event.logprobs else None
+                    deltas = output.feed(event.text) or ([{}] if logprobs else [])
+                    for delta in deltas:
+                        choice = {"index": 0, "delta": delta}
+                        if logprobs is not None:
+                            choice["logprobs"], logprobs = logprobs, None
+                        await self.send({"type": "delta", **head, "choices": [choice]})
                 elif isinstance(event, Failed):
                     raise event.error
                 else:
+                    for delta in output.flush():
+                        choice = {"index": 0, "delta": delta}
+                        await self.send({"type": "delta", **head, "choices": [choice]})
                     done = {
                         "type": "done",
                         **head,
-                        "finish_reason": event.finish_reason,
+                        "finish_reason": Choice(output.finish(), event).finish_reason,
                         "usage": usage(event.prompt_tokens, event.completion_tokens),
                         "timings": event.timings.as_dict(),
                     }

@@ -7,7 +7,11 @@
                            those events, and llama-server's timing fields (request.py)
     Embedding              one embeddings request, embedded between steps (request.py, embed.py)
     Faults                 the seam where tests make the engine fail (faults.py)
-    SamplingParams         how a request's next tokens are picked (sampling.py)
+    SamplingParams, GrammarSpec, TokenLogprob
+                           how a request's next tokens are picked, what they must match (JSON
+                           mode, tool calls), and their log probabilities (sampling.py)
+    json_grammar, UnsupportedSchema
+                           a JSON Schema as a grammar, or why it cannot be one (schema.py)
     budget_bytes           the memory budget setting in bytes (memory.py)
     system_info, supports_gpu_offload
                            what this llama.cpp build can do, for /system/info (llama.py)
@@ -21,7 +25,8 @@ from thoxd.engine.memory import budget_bytes
 from thoxd.engine.model import EngineConfig, LoadedModel
 from thoxd.engine.request import Delta, Embedding, Failed, Finished, Generation, Timings
 from thoxd.engine.runtime import Engine
-from thoxd.engine.sampling import SamplingParams
+from thoxd.engine.sampling import GrammarSpec, SamplingParams, TokenLogprob
+from thoxd.engine.schema import UnsupportedSchema, json_grammar
 
 __all__ = [
     "Delta",
@@ -32,10 +37,14 @@ __all__ = [
     "Faults",
     "Finished",
     "Generation",
+    "GrammarSpec",
     "LoadedModel",
     "SamplingParams",
     "Timings",
+    "TokenLogprob",
+    "UnsupportedSchema",
     "budget_bytes",
+    "json_grammar",
     "supports_gpu_offload",
     "system_info",
 ]

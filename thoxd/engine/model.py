@@ -17,9 +17,11 @@ from typing import Any
 from thoxd.catalog.entries import ModelSpec
 from thoxd.engine.embed import Embedder
 from thoxd.engine.faults import Faults
+from thoxd.engine.grammar import Grammar, GrammarInvalid
 from thoxd.engine.llama import ContextConfig, LlamaContext, LlamaLoadError, LlamaModel
 from thoxd.engine.memory import MemoryEstimate
 from thoxd.engine.request import Embedding, Finished, Generation
+from thoxd.engine.sampling import GrammarSpec
 from thoxd.engine.scheduler import Scheduler, SchedulerStats
 from thoxd.engine.templates import ChatTemplate, TemplateInvalid
 from thoxd.errors import (
@@ -142,12 +144,25 @@ class LoadedModel:
 
     # -- prompts ---------------------------------------------------------------------------
 
-    def render_chat(self, messages: Sequence[dict[str, Any]]) -> str:
+    def chat_template(self) -> ChatTemplate:
         if "chat" not in self.spec.capabilities or self.template is None:
             raise UnsupportedCapability(
                 f"The model '{self.spec.id}' does not do chat completions.", param="model"
             )
-        return self.template.render(messages)
+        return self.template
+
+    def render_chat(
+        self, messages: Sequence[dict[str, Any]], tools: Sequence[dict[str, Any]] | None = None
+    ) -> str:
+        return self.chat_template().render(messages, tools=tools)
+
+    def check_grammar(self, grammar: GrammarSpec) -> None:
+        """Refuse a grammar llama.cpp cannot parse, before it reaches the engine thread (a
+        blocking call: parsing a large grammar takes milliseconds)."""
+        try:
+            Grammar(self.llama, grammar.gbnf, grammar.lazy_patterns).close()
+        except GrammarInvalid:
+            raise InvalidRequest("The output's grammar could not be parsed.") from None
 
     async def tokenize(self, text: str, *, add_special: bool) -> list[int]:
         if len(text) <= _INLINE_TOKENIZE_CHARS:

@@ -16,7 +16,7 @@ from collections.abc import AsyncIterator, Callable
 from dataclasses import dataclass, field
 from typing import Any
 
-from thoxd.engine.sampling import SamplingParams
+from thoxd.engine.sampling import GrammarSpec, SamplingParams, TokenLogprob
 from thoxd.errors import ThoxdError
 
 
@@ -55,6 +55,8 @@ def _rate(n: int, ms: float) -> float:
 @dataclass(frozen=True)
 class Delta:
     text: str
+    # Each token behind this text, when the request asked for log probabilities.
+    logprobs: tuple[TokenLogprob, ...] = ()
 
 
 @dataclass(frozen=True)
@@ -84,6 +86,8 @@ class Generation:
     # Stop strings that are one special token (e.g. "<start_of_turn>"): control tokens render
     # as no text, so they are matched by id.
     stop_tokens: frozenset[int] = frozenset()
+    grammar: GrammarSpec | None = None  # what the output must match (JSON mode, tool calls)
+    logprobs: int | None = None  # report each token's log probability and this many others
     cancelled: bool = False
     submitted_at: float = field(default_factory=time.monotonic)
     _loop: asyncio.AbstractEventLoop = field(default_factory=asyncio.get_running_loop)

@@ -19,7 +19,8 @@ from typing import Any
 import llama_cpp
 import numpy as np
 
-from thoxd.engine.llama import LlamaContext
+from thoxd.engine.grammar import Candidates, Grammar
+from thoxd.engine.llama import LlamaContext, LlamaModel
 
 
 @dataclass(frozen=True)
@@ -33,6 +34,15 @@ class SamplingParams:
     repeat_penalty: float = 1.0
     penalty_last_n: int = 64
     seed: int | None = None
+
+
+@dataclass(frozen=True)
+class GrammarSpec:
+    """What a request's output must match: a GBNF grammar, applied from the start, or from the
+    first match of one of `lazy_patterns` (a tool call's opening, in a model's own format)."""
+
+    gbnf: str
+    lazy_patterns: tuple[str, ...] = ()
 
 
 class Penalties:
@@ -78,13 +88,42 @@ class Penalties:
         self._counts[token] = self._counts.get(token, 0) + 1
 
 
-class Sampler:
-    """One request's sampling state: its penalties window and, unless greedy, a llama_sampler
-    chain (top-k, top-p, min-p, temperature, then a seeded draw)."""
+@dataclass(frozen=True)
+class TokenLogprob:
+    """One sampled token's log probability, and the likeliest tokens in its place."""
 
-    def __init__(self, params: SamplingParams) -> None:
+    token: bytes
+    logprob: float
+    top: tuple[tuple[bytes, float], ...] = ()
+
+
+class GrammarExhausted(Exception):
+    """The grammar allows no token at all: the request ends where it is."""
+
+
+class Sampler:
+    """One request's sampling state: its penalties window, unless greedy a llama_sampler chain
+    (top-k, top-p, min-p, temperature, then a seeded draw), its grammar if it has one
+    (thoxd.engine.grammar: sampled first, checked after), and whether to report log
+    probabilities (`logprobs` alternatives; 0 for the sampled token's own only)."""
+
+    def __init__(
+        self,
+        params: SamplingParams,
+        *,
+        model: LlamaModel | None = None,
+        grammar: GrammarSpec | None = None,
+        logprobs: int | None = None,
+    ) -> None:
         self._penalties = Penalties(params) if Penalties.needed(params) else None
         self._chain = None
+        self._grammar = None
+        self._model = model
+        self._logprobs = logprobs
+        self.last: TokenLogprob | None = None  # of the token `sample` returned, if asked for
+        if grammar is not None:
+            assert model is not None
+            self._grammar = Grammar(model, grammar.gbnf, grammar.lazy_patterns)
         if params.temperature <= 0.0:
             return
         self._chain = llama_cpp.llama_sampler_chain_init(
@@ -104,17 +143,65 @@ class Sampler:
         llama_cpp.llama_sampler_chain_add(self._chain, sampler)
 
     def sample(self, ctx: LlamaContext, batch_index: int) -> int:
+        logits = ctx.logits(batch_index)
         if self._penalties is not None:
-            self._penalties.apply(ctx.logits(batch_index))
+            self._penalties.apply(logits)
         if self._chain is None:
-            token = int(ctx.logits(batch_index).argmax())
+            token = int(logits.argmax())
         else:
             token = int(llama_cpp.llama_sampler_sample(self._chain, ctx.ptr, batch_index))
+        seen: np.ndarray[Any, np.dtype[np.float32]] = logits  # what log probabilities read
+        if self._grammar is not None:
+            # Log probabilities "after the grammar" need the whole mask; otherwise only a
+            # rejected token does.
+            if self._logprobs is not None or not self._grammar.allows(token):
+                candidates = self._masked(logits)
+                seen = candidates.logits()
+                if not np.isfinite(seen[token]):
+                    if self._chain is None:
+                        token = candidates.best()
+                    else:
+                        candidates.apply(self._chain)
+                        token = candidates.selected()
+            self._grammar.accept(token)
+        if self._logprobs is not None:
+            self.last = self._logprob(seen, token)
         if self._penalties is not None:
             self._penalties.accept(token)
         return token
+
+    def _masked(self, logits: np.ndarray[Any, np.dtype[np.float32]]) -> Candidates:
+        """Every token with the grammar applied; GrammarExhausted if none is left."""
+        assert self._grammar is not None
+        candidates = Candidates(logits)
+        self._grammar.mask(candidates)
+        if not np.isfinite(candidates.data["logit"]).any():
+            raise GrammarExhausted
+        return candidates
+
+    def _logprob(self, logits: np.ndarray[Any, np.dtype[np.float32]], token: int) -> TokenLogprob:
+        """Log probabilities from the logits the sampler saw (penalties applied, and the
+        grammar's mask when there is one), before temperature and truncation."""
+        assert self._model is not None
+        values = logits.astype(np.float64)
+        top = values.max()
+        log_total = top + float(np.log(np.exp(values - top).sum()))
+        best: list[tuple[bytes, float]] = []
+        if n := min(self._logprobs or 0, len(values)):
+            ids = np.argpartition(-values, n - 1)[:n]
+            ids = ids[np.argsort(-values[ids], kind="stable")]
+            # Tokens the grammar ruled out are no alternatives (and -inf is not JSON).
+            best = [
+                (self._model.piece(int(i)), float(values[i] - log_total))
+                for i in ids
+                if np.isfinite(values[i])
+            ]
+        return TokenLogprob(self._model.piece(token), float(values[token] - log_total), tuple(best))
 
     def close(self) -> None:
         if self._chain:
             llama_cpp.llama_sampler_free(self._chain)
             self._chain = None
+        if self._grammar is not None:
+            self._grammar.close()
+            self._grammar = None

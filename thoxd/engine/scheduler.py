@@ -42,13 +42,14 @@ from thoxd.engine.drafts import (
 )
 from thoxd.engine.embed import Embedder
 from thoxd.engine.faults import Faults
+from thoxd.engine.grammar import GrammarInvalid
 from thoxd.engine.llama import Batch, LlamaContext, LlamaModel
 from thoxd.engine.queue import WaitQueue
 from thoxd.engine.request import Embedding, Failed, Finished, Generation
 from thoxd.engine.sampling import Sampler
-from thoxd.engine.slots import Running, Slot, advance, park_idle, pick_slot, release
+from thoxd.engine.slots import Running, Slot, advance, claim, park_idle, pick_slot, release
 from thoxd.engine.text import TextAssembler
-from thoxd.errors import EngineFailure, ShuttingDown, ThoxdError
+from thoxd.errors import EngineFailure, InvalidRequest, ShuttingDown, ThoxdError
 
 logger = logging.getLogger("thoxd.engine")
 
@@ -235,21 +236,18 @@ class Scheduler:
 
     def _admit(self, gen: Generation, alone: bool) -> None:
         now = time.monotonic()
+        try:
+            sampler = Sampler(
+                gen.params, model=self._model, grammar=gen.grammar, logprobs=gen.logprobs
+            )
+        except GrammarInvalid:  # checked before submit; this one request ends, nothing else
+            gen.push(Failed(InvalidRequest("The output grammar could not be parsed.")))
+            return
         slot, shared = pick_slot(self._slots, gen.prompt)
-        # The prompt's last token is always computed anew (see _Running.pending).
-        keep = min(shared, len(gen.prompt) - 1)
-        if slot.parked is not None:
-            if keep == 0 or not self._ctx.seq_restore(slot.seq_id, slot.parked):
-                self._ctx.seq_rm(slot.seq_id, -1)
-                keep = 0
-            slot.parked = None
-        if keep < len(slot.cached) and not self._ctx.seq_rm(slot.seq_id, keep):
-            self._ctx.seq_rm(slot.seq_id, -1)
-            keep = 0
-        del slot.cached[keep:]
+        keep = claim(slot, self._ctx, gen.prompt, shared)
         slot.run = Running(
             gen=gen,
-            sampler=Sampler(gen.params),
+            sampler=sampler,
             text=TextAssembler(gen.stops),
             pending=gen.prompt[keep:-1] if alone else gen.prompt[keep:],
             last_token=gen.prompt[-1],

@@ -15,7 +15,7 @@ from dataclasses import dataclass, field
 from thoxd.engine.drafts import Acceptance, Lookup
 from thoxd.engine.llama import LlamaContext, LlamaModel
 from thoxd.engine.request import Delta, Finished, Generation, Timings
-from thoxd.engine.sampling import Sampler
+from thoxd.engine.sampling import GrammarExhausted, Sampler, TokenLogprob
 from thoxd.engine.text import TextAssembler
 
 
@@ -70,10 +70,18 @@ def advance(
     assert run is not None
     start = len(slot.cached) - len(rows)  # the position of the first row's token
     texts: list[str] = []
+    logprobs: list[TokenLogprob] = []
+    reason: str | None = None
     for i, index in enumerate(rows):
-        token = run.sampler.sample(ctx, index)
+        try:
+            token = run.sampler.sample(ctx, index)
+        except GrammarExhausted:  # nothing may follow: the output ends here
+            reason, token = "stop", -1
+            break
         run.acceptance.score(token)
         reason = _take(run, model, token, start + i + 1 >= n_ctx_seq, texts)
+        if run.sampler.last is not None and not _ends(run, model, token):
+            logprobs.append(run.sampler.last)
         if reason is not None or i + 1 == len(rows) or token != drafts[i]:
             break
     used = i + 1
@@ -82,8 +90,8 @@ def advance(
     if used < len(rows):
         del slot.cached[start + used :]
         ctx.seq_rm(slot.seq_id, start + used)
-    if texts:
-        run.gen.push(Delta("".join(texts)))
+    if texts or logprobs:
+        run.gen.push(Delta("".join(texts), tuple(logprobs)))
     if reason is None:
         run.last_token = token
     return reason
@@ -116,13 +124,18 @@ def release(slot: Slot, reason: str) -> Finished:
     return Finished(reason, len(run.gen.prompt), run.generated, timings)
 
 
+def _ends(run: Running, model: LlamaModel, token: int) -> bool:
+    """An end of text or a stop token: it ends the output and is not part of it."""
+    return model.is_eog(token) or token in run.gen.stop_tokens
+
+
 def _take(
     run: Running, model: LlamaModel, token: int, context_full: bool, texts: list[str]
 ) -> str | None:
     """Give a request its next token; the finish reason if that ends it."""
     if not run.first_token_at:
         run.first_token_at = time.monotonic()
-    if model.is_eog(token) or token in run.gen.stop_tokens:
+    if _ends(run, model, token):
         return "stop"
     run.generated += 1
     text = run.text.feed(model.piece(token))
@@ -163,6 +176,23 @@ def pick_slot(slots: list[Slot], prompt: list[int]) -> tuple[Slot, int]:
         return slot, n
     *_, slot = min((bool(s.cached), s.last_used, s.seq_id, s) for s in idle)
     return slot, common_prefix(slot.cached, prompt)
+
+
+def claim(slot: Slot, ctx: LlamaContext, prompt: list[int], shared: int) -> int:
+    """Make an idle slot's cache hold the first tokens of `prompt` it shares (copying a parked
+    prefix back in); how many it kept. The prompt's last token is always computed anew (see
+    Running.pending)."""
+    keep = min(shared, len(prompt) - 1)
+    if slot.parked is not None:
+        if keep == 0 or not ctx.seq_restore(slot.seq_id, slot.parked):
+            ctx.seq_rm(slot.seq_id, -1)
+            keep = 0
+        slot.parked = None
+    if keep < len(slot.cached) and not ctx.seq_rm(slot.seq_id, keep):
+        ctx.seq_rm(slot.seq_id, -1)
+        keep = 0
+    del slot.cached[keep:]
+    return keep
 
 
 def park_idle(slots: list[Slot], ctx: LlamaContext, cap: int) -> None:

@@ -51,18 +51,29 @@ class ChatTemplate:
     def __init__(self, source: str, *, bos_token: str = "", eos_token: str = "") -> None:
         env = ImmutableSandboxedEnvironment(trim_blocks=True, lstrip_blocks=True)
         env.globals["raise_exception"] = _raise
+        self.source = BUILT_IN.get(source, source)
         try:
-            self._template = env.from_string(BUILT_IN.get(source, source))
+            self._template = env.from_string(self.source)
         except TemplateError as exc:
             raise TemplateInvalid(f"the chat template does not compile: {exc}") from None
         self._tokens = {"bos_token": bos_token, "eos_token": eos_token}
 
     def render(
-        self, messages: Sequence[dict[str, Any]], *, add_generation_prompt: bool = True
+        self,
+        messages: Sequence[dict[str, Any]],
+        *,
+        add_generation_prompt: bool = True,
+        tools: Sequence[dict[str, Any]] | None = None,
     ) -> str:
+        """The prompt for `messages`; `tools` (OpenAI's tool objects) only for a template that
+        renders them itself (thoxd.api.tools decides)."""
+        extra: dict[str, Any] = {"tools": list(tools)} if tools is not None else {}
         try:
             return self._template.render(
-                messages=list(messages), add_generation_prompt=add_generation_prompt, **self._tokens
+                messages=list(messages),
+                add_generation_prompt=add_generation_prompt,
+                **self._tokens,
+                **extra,
             )
         except TemplateError as exc:
             # SecurityError is a TemplateError too: a template reaching for internals ends here.
