@@ -21,9 +21,9 @@ from thoxd.engine.drafts import (
     row_counts,
 )
 from thoxd.engine.llama import Batch
-from thoxd.engine.request import Finished, Generation
+from thoxd.engine.request import Delta, Finished, Generation
 from thoxd.engine.runtime import LoadedModel
-from thoxd.engine.sampling import SamplingParams
+from thoxd.engine.sampling import SamplingParams, TokenLogprob
 
 GREEDY = SamplingParams(temperature=0.0)
 # Measured on the 2-core development VM (bench/RESULTS.md): a second row doubles a step, and
@@ -266,3 +266,36 @@ def test_rejected_drafts_leave_the_cache(eager: LoadedModel) -> None:
             assert ctx.seq_restore(slot.seq_id, slot.parked)
             slot.parked = None
         assert llama_cpp.llama_memory_seq_pos_max(ctx.memory, slot.seq_id) == len(slot.cached) - 1
+
+
+def test_log_probabilities_come_from_each_accepted_tokens_own_row(
+    eager: LoadedModel, plain: LoadedModel
+) -> None:
+    async def run(model: LoadedModel) -> tuple[str, list[TokenLogprob], Finished]:
+        gen = Generation(
+            prompt=model.llama.tokenize(REPEATING, add_special=True),
+            params=GREEDY,
+            max_tokens=24,
+            logprobs=2,
+        )
+        model.submit(gen)
+        texts: list[str] = []
+        entries: list[TokenLogprob] = []
+        async for event in gen.events():
+            if isinstance(event, Delta):
+                texts.append(event.text)
+                entries.extend(event.logprobs)
+            elif isinstance(event, Finished):
+                return "".join(texts), entries, event
+        raise AssertionError("no Finished")
+
+    text, entries, finished = asyncio.run(run(eager))
+    assert finished.timings.draft_n_accepted > 0  # tokens came out of drafted rows
+    assert len(entries) == finished.completion_tokens
+    assert b"".join(e.token for e in entries).decode() == text
+    for entry in entries:  # greedy: each token is the likeliest of the row it was sampled from
+        assert entry.top[0] == (entry.token, entry.logprob)
+    without, plain_entries, _ = asyncio.run(run(plain))
+    assert without == text
+    for a, b in zip(entries, plain_entries, strict=True):
+        assert a.token == b.token and a.logprob == pytest.approx(b.logprob, abs=0.05)
