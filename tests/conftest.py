@@ -32,16 +32,30 @@ def default_spec(catalog: Catalog) -> ModelSpec:
 
 
 @pytest.fixture(scope="session")
-def models_dir(default_spec: ModelSpec) -> Path:
-    """The default model's GGUF, assembled once per machine into a test cache."""
+def gemma_spec(catalog: Catalog) -> ModelSpec:
+    """Gemma 3 270M by its id, for tests of what is Gemma's own (its size, its vocabulary)."""
+    return catalog.get("gemma-3-270m")
+
+
+@pytest.fixture(scope="session")
+def models_dir(catalog: Catalog) -> Path:
+    """Every packaged catalog model's GGUF, assembled once per machine into a test cache: a
+    daemon started on it can serve any of them."""
     root = Path(os.environ.get("THOXD_TEST_MODELS", Path.home() / ".cache" / "thoxd-test"))
-    ensure_model_file(default_spec, root)
+    for spec in catalog:
+        if spec.package is not None:
+            ensure_model_file(spec, root)
     return root
 
 
 @pytest.fixture(scope="session")
 def model_file(models_dir: Path, default_spec: ModelSpec) -> Path:
     return models_dir / default_spec.path
+
+
+@pytest.fixture(scope="session")
+def gemma_file(models_dir: Path, gemma_spec: ModelSpec) -> Path:
+    return models_dir / gemma_spec.path
 
 
 GEMMA = "gemma.gguf"
@@ -59,14 +73,14 @@ def clean_settings_env(monkeypatch: pytest.MonkeyPatch, tmp_path: Path) -> None:
 
 
 @pytest.fixture(scope="session")
-def shelf(tmp_path_factory: pytest.TempPathFactory, model_file: Path) -> Path:
+def shelf(tmp_path_factory: pytest.TempPathFactory, gemma_file: Path) -> Path:
     """A models dir holding the Gemma file (as gemma.gguf) and a hostile file beside it, for
     catalogs that serve the one file under several ids."""
     root = tmp_path_factory.mktemp("models")
     try:
-        os.link(model_file, root / GEMMA)
+        os.link(gemma_file, root / GEMMA)
     except OSError:  # another filesystem
-        shutil.copyfile(model_file, root / GEMMA)
+        shutil.copyfile(gemma_file, root / GEMMA)
     # A GGUF header whose first key claims 2**40 bytes: the gate must refuse it unread.
     (root / "hostile.gguf").write_bytes(
         b"GGUF" + (3).to_bytes(4, "little") + (0).to_bytes(8, "little") + (1).to_bytes(8, "little")

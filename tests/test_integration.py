@@ -14,6 +14,7 @@ import openai
 import pytest
 
 from tests.conftest import Daemon
+from thoxd.catalog.entries import ModelSpec
 
 
 @pytest.fixture(scope="module")
@@ -132,15 +133,15 @@ def test_embeddings(client: openai.OpenAI) -> None:
     assert single.data[0].embedding == pytest.approx(response.data[0].embedding, abs=1e-5)
 
 
-def test_models_list_and_retrieve(client: openai.OpenAI) -> None:
+def test_models_list_and_retrieve(client: openai.OpenAI, default_spec: ModelSpec) -> None:
     models = client.models.list().data
-    entry = next(m for m in models if m.id == "gemma-3-270m")
+    entry = next(m for m in models if m.id == default_spec.id)
     extra = entry.model_extra or {}
     assert extra["context_window"] == 8192
     assert "thox-coder" in extra["aliases"]
     assert set(extra["capabilities"]) >= {"chat", "completion", "embeddings"}
     assert extra["state"] == "loaded"
-    assert client.models.retrieve("thox-coder").id == "gemma-3-270m"
+    assert client.models.retrieve("thox-coder").id == default_spec.id
 
 
 # -- errors, as the SDK surfaces them -------------------------------------------------------

@@ -34,11 +34,11 @@ def test_infill_puts_prefix_then_suffix_then_asks_for_the_middle() -> None:
 
 
 @pytest.fixture(scope="module")
-def fim_box(tmp_path_factory: pytest.TempPathFactory, model_file: Path) -> Iterator[Daemon]:
+def fim_box(tmp_path_factory: pytest.TempPathFactory, gemma_file: Path) -> Iterator[Daemon]:
     tmp = tmp_path_factory.mktemp("fim")
     models = tmp / "models"
     models.mkdir()
-    reader = gguf.GGUFReader(model_file)
+    reader = gguf.GGUFReader(gemma_file)
     arch = reader.get_field(gguf.Keys.General.ARCHITECTURE)
     assert arch is not None
     writer = gguf.GGUFWriter(models / "fim.gguf", arch.contents())

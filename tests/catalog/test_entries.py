@@ -47,8 +47,9 @@ def test_repo_catalog_loads() -> None:
 
 def test_alias_resolves_to_the_entry() -> None:
     catalog = Catalog.load(REPO_CATALOG)
-    assert catalog.get("thox-coder").id == "gemma-3-270m"
-    assert catalog.get("thox-coder") is catalog.get("gemma-3-270m")
+    assert catalog.get("thox-coder").id == "smollm2-135m-instruct"
+    assert catalog.get("thox-coder") is catalog.get("smollm2-135m-instruct")
+    assert catalog.get("gemma3").id == "gemma-3-270m"
 
 
 def test_repo_catalog_has_the_instruction_tuned_model() -> None:

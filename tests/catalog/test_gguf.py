@@ -1,5 +1,5 @@
-"""thoxd/catalog/gguf.py: a corpus of crafted hostile GGUF files, valid ones, and the real default
-model.
+"""thoxd/catalog/gguf.py: a corpus of crafted hostile GGUF files, valid ones, and the real catalog
+models.
 
 The files are built byte by byte with the small struct-based writer below, so each case is
 exactly the malformation it names. Every hostile file must raise GGUFRejected (never another
@@ -21,7 +21,9 @@ from typing import BinaryIO
 import pytest
 
 import thoxd.catalog.gguf
+from thoxd.catalog.entries import Catalog
 from thoxd.catalog.gguf import GGML_TYPES, GGUFInfo, GGUFRejected, check_gguf
+from thoxd.engine.templates import ChatTemplate
 
 CHUNK = 1 << 20  # the reader's buffer refill; it may read this far past what it parses
 
@@ -608,7 +610,7 @@ def test_file_written_by_gguf_package_passes(tmp_path: Path) -> None:
     assert info.tensor_bytes == 3 * 8 * 4 + 8 * 4 + 2 * 2 * 34
 
 
-# ---------------------------------------------------------------- the real default model
+# ---------------------------------------------------------------- the real models
 
 
 @pytest.fixture(scope="session")
@@ -636,3 +638,34 @@ def test_real_model_truncated_is_rejected(real_model: Path, tmp_path: Path) -> N
         head = f.read(8 << 20)  # the whole header and a little tensor data
     assert_rejected(write(tmp_path, "cut.gguf", head), tmp_path)
     assert_rejected(write(tmp_path, "cut.gguf", head[: 3 << 20]), tmp_path)
+
+
+def test_smollm2_carries_a_chatml_template_that_renders_in_the_sandbox(
+    models_dir: Path, catalog: Catalog
+) -> None:
+    # The catalog gives SmolLM2 no template: the one in its file is what chat renders.
+    spec = catalog.get("smollm2-135m-instruct")
+    assert spec.chat_template is None
+    path = models_dir / spec.path
+    info = check_gguf(path, root=models_dir)
+    assert (info.architecture, info.context_length) == ("llama", spec.n_ctx)
+    assert info.chat_template is not None
+    template = ChatTemplate(info.chat_template)
+    turns = [
+        {"role": "system", "content": "Be brief."},
+        {"role": "user", "content": "Hi"},
+        {"role": "assistant", "content": "Hello!"},
+        {"role": "user", "content": "Bye"},
+    ]
+    assert template.render(turns) == (
+        "<|im_start|>system\nBe brief.<|im_end|>\n"
+        "<|im_start|>user\nHi<|im_end|>\n"
+        "<|im_start|>assistant\nHello!<|im_end|>\n"
+        "<|im_start|>user\nBye<|im_end|>\n"
+        "<|im_start|>assistant\n"
+    )
+    # Without a system message the template adds its own.
+    assert template.render([{"role": "user", "content": "Hi"}], add_generation_prompt=False) == (
+        "<|im_start|>system\nYou are a helpful AI assistant named SmolLM, trained by Hugging "
+        "Face<|im_end|>\n<|im_start|>user\nHi<|im_end|>\n"
+    )

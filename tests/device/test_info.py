@@ -16,7 +16,7 @@ from starlette.applications import Starlette
 from tests.conftest import Daemon
 from tests.inproc import make_app, request
 from thoxd.api.system import SystemRoutes
-from thoxd.catalog.entries import Catalog
+from thoxd.catalog.entries import Catalog, ModelSpec
 from thoxd.device import hardware
 from thoxd.device.info import Readers, SystemSampler
 from thoxd.engine.runtime import Engine, EngineConfig
@@ -66,9 +66,11 @@ def test_info_document(tmp_path: Path, catalog: Catalog) -> None:
     assert runtime["llama_cpp_python_version"] == "0.3.36"
     assert isinstance(runtime["gpu_offload"], bool)
     assert isinstance(runtime["llama_cpp_features"], list)
-    [model] = data["models"]
+    models = {m["id"]: m for m in data["models"]}
+    assert list(models) == [spec.id for spec in catalog]
+    model = models[catalog.get("thox-coder").id]
     assert set(model) == MODEL_KEYS
-    assert model["id"] == "gemma-3-270m" and model["state"] == "unloaded"
+    assert model["state"] == "unloaded"
     assert model["n_ctx"] == 8192 and model["slots_busy"] is None
     assert set(data["requests"]) == {"total", "in_flight", "by_status"}
     assert data["requests"]["in_flight"] == 1  # this one
@@ -177,22 +179,22 @@ def test_no_gpu_tools_means_no_gpus(monkeypatch: pytest.MonkeyPatch) -> None:
 # -- the real daemon -------------------------------------------------------------------------
 
 
-def test_info_on_the_daemon(daemon: Daemon) -> None:
+def test_info_on_the_daemon(daemon: Daemon, default_spec: ModelSpec) -> None:
     with httpx.Client(base_url=daemon.url) as http:
         response = http.get("/system/info")
     assert response.status_code == 200
     data = response.json()
     assert set(data) == TOP_KEYS
-    [model] = data["models"]
+    [model] = [m for m in data["models"] if m["id"] == default_spec.id]
     assert model["state"] == "loaded" and model["slots"] == 2
-    assert model["memory_bytes"] > 100 << 20  # the 270M Q4_K_M weights
+    assert model["memory_bytes"] > 100 << 20  # its weights and KV cache
     assert model["slots_busy"] == 0 and model["queue_depth"] == 0
     assert data["cpu"]["usage_percent"] is not None
     assert data["requests"]["total"] >= 1
     assert data["process"]["open_files"] >= 1
 
 
-def test_info_answers_while_a_generation_runs(daemon: Daemon) -> None:
+def test_info_answers_while_a_generation_runs(daemon: Daemon, default_spec: ModelSpec) -> None:
     # /system/info reads a snapshot and the engine's counters: it never waits for a decode step.
     body = {"model": "thox-coder", "prompt": "1, 2, 3, 4, 5, 6, 7, 8,", "max_tokens": 200,
             "temperature": 0, "repeat_penalty": 1.0, "stream": True}  # fmt: skip
@@ -206,7 +208,7 @@ def test_info_answers_while_a_generation_runs(daemon: Daemon) -> None:
         info = http.get("/system/info")  # a second connection, meanwhile
         rest = [line for line in lines if line.startswith("data: ")]
     assert info.status_code == 200
-    [model] = info.json()["models"]
+    [model] = [m for m in info.json()["models"] if m["id"] == default_spec.id]
     assert model["slots_busy"] == 1  # answered while the generation held its slot
     assert rest[-1] == "data: [DONE]"
     finish = json.loads(rest[-2].removeprefix("data: "))["choices"][0]["finish_reason"]

@@ -319,7 +319,7 @@ def test_the_daemon_notifies_systemd(
         assert httpx.get(daemon.url + "/health", timeout=5).status_code in (200, 503)
         assert listener.times("STATUS=starting")[0] <= ready
         daemon.wait_ready()
-        listener.wait_for(f"STATUS=serving gemma-3-270m on :{daemon.port}", 10)
+        listener.wait_for(f"STATUS=serving smollm2-135m-instruct on :{daemon.port}", 10)
         body = {"model": "thox-coder", "prompt": "1, 2, 3,", "max_tokens": 3, "temperature": 0}
         answer = httpx.post(daemon.url + "/v1/completions", json=body, timeout=60)
         assert answer.status_code == 200, answer.text

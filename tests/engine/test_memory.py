@@ -265,11 +265,11 @@ def test_file_written_by_gguf_package(tmp_path: Path) -> None:
     assert result.weights == gguf_info.tensor_bytes == 1000 * 8 * 4
 
 
-def test_default_model_matches_what_llama_cpp_allocated(model_file: Path) -> None:
+def test_gemma_matches_what_llama_cpp_allocated(gemma_file: Path) -> None:
     # llama.cpp logged, for this configuration: KV 96 MiB (non-SWA layers) + 480 MiB (SWA layers),
     # model buffer 235.16 MiB, compute 40.9 MiB plus 4 MiB of output at load; the output buffer
     # grows to 16 rows (16 MiB) when drafts are checked, which the estimate counts up front.
-    gguf_info = check_gguf(model_file, root=model_file.parent)
+    gguf_info = check_gguf(gemma_file, root=gemma_file.parent)
     result = estimate_memory(
         gguf_info,
         n_ctx=8192,

@@ -122,9 +122,11 @@ def test_queue_bound_refuses_with_queue_full(
 
 
 def test_a_special_token_stop_string_stops_on_the_token(model: LoadedModel) -> None:
-    """Control tokens render as no text, so "<start_of_turn>" must stop by token id."""
-    special = model.stop_tokens(["<start_of_turn>", "plain text"])
-    assert special == {model.llama.tokenize("<start_of_turn>", add_special=False)[0]}
+    """Control tokens render as no text, so a turn marker ("<start_of_turn>", "<|im_start|>")
+    must stop by token id."""
+    marker = model.spec.stop[-1]  # the catalog's stop strings end with the model's turn opener
+    special = model.stop_tokens([marker, "plain text"])
+    assert special == {model.llama.tokenize(marker, add_special=False)[0]}
 
     # The mechanism: a stop token ends the generation before it is emitted or counted.
     first_piece, _ = asyncio.run(run_prompt(model, "The capital of France is", max_tokens=1))

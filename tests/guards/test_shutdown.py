@@ -268,7 +268,7 @@ async def _sigterm_with_a_short_generation_waiting(daemon: Daemon) -> dict[str, 
 
         async def short_waits() -> bool:
             models = (await idle.get("/health")).json()["models"]
-            return bool(models["gemma-3-270m"]["waiting"] == 1)
+            return bool(models["smollm2-135m-instruct"]["waiting"] == 1)
 
         await _until(short_waits, 30)
         os.kill(daemon.proc.pid, signal.SIGTERM)
