@@ -39,7 +39,7 @@ import httpx
 
 ROOT = Path(__file__).resolve().parent.parent
 MODEL_FILE = "gemma-3-270m-q4_k_m.gguf"
-MODEL_ID = "thox-coder"
+MODEL_ID = "gemma-3-270m"  # by id: llama-server runs the same file (thox-coder is SmolLM2)
 N_CTX = 8192
 HZ = os.sysconf("SC_CLK_TCK")
 WORDS = ("alpha", "bravo", "delta", "echo", "golf", "hotel", "india", "kilo", "lima", "mike")
@@ -346,7 +346,7 @@ def main() -> int:
             "thoxd": [sys.executable, "-m", "thoxd", "serve", "--host", "127.0.0.1",
                       "--port", str(port), "--models-dir", str(args.models_dir),
                       "--state-dir", tmp, "--threads", t, "--slots", str(n),
-                      "--log-level", "warning", *drafts],
+                      "--log-level", "warning", "--default-model", MODEL_ID, *drafts],
             "llama-server": [str(args.llama_server), "-m", str(model), "--host", "127.0.0.1",
                              "--port", str(port), "-t", t, "-tb", t, "-np", str(n),
                              "-c", str(N_CTX * n), "--kv-unified", "--swa-full", "--no-webui",

@@ -30,7 +30,7 @@ import httpx
 import llama_cpp
 
 MODEL_FILE = "gemma-3-270m-q4_k_m.gguf"
-MODEL_ID = "thox-coder"
+MODEL_ID = "gemma-3-270m"  # by id: llama.cpp runs the same file (thox-coder is SmolLM2)
 # First words for the prompts: each run starts differently, so no cached prefix helps it.
 WORDS = ("Alpha", "Bravo", "Charlie", "Delta", "Echo", "Foxtrot", "Golf", "Hotel", "India")
 
@@ -110,6 +110,7 @@ class Daemon:
             port = s.getsockname()[1]
         args = ["--host", "127.0.0.1", "--port", str(port), "--models-dir", str(models_dir)]
         args += ["--state-dir", str(state), "--threads", str(threads), "--log-level", "warning"]
+        args += ["--default-model", MODEL_ID]
         args += ["--slots", str(slots)] if slots else []
         self.log = state / "thoxd.log"
         with self.log.open("wb") as log:
