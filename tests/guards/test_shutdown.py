@@ -326,6 +326,16 @@ def _post_in_background(url: str, body: dict[str, Any]) -> None:
     threading.Thread(target=post, daemon=True).start()
 
 
+def _sigterm_once(daemon: Daemon, ready: Callable[[], bool]) -> int:
+    """SIGTERM once `ready()` holds (60 s at most: past that it never did); the exit code."""
+    deadline = time.monotonic() + 60
+    while not ready():
+        assert time.monotonic() < deadline, daemon.log()
+        time.sleep(0.05)
+    os.kill(daemon.proc.pid, signal.SIGTERM)
+    return daemon.proc.wait(60)
+
+
 @pytest.mark.slow
 def test_sigterm_during_a_long_embedding_exits_cleanly(tmp_path: Path, models_dir: Path) -> None:
     """Embeddings run a chunk at a time, so the engine thread stops between two chunks; it
@@ -335,12 +345,7 @@ def test_sigterm_during_a_long_embedding_exits_cleanly(tmp_path: Path, models_di
         daemon.wait_ready()
         body = {"model": "thox-coder", "input": ["word " * 7000] * 3}
         _post_in_background(daemon.url + "/v1/embeddings", body)
-        deadline = time.monotonic() + 60
-        while not daemon.busy():
-            assert time.monotonic() < deadline, daemon.log()
-            time.sleep(0.05)
-        os.kill(daemon.proc.pid, signal.SIGTERM)
-        code = daemon.proc.wait(60)
+        code = _sigterm_once(daemon, lambda: daemon.busy() > 0)
     finally:
         daemon.stop()
     assert code == 0, daemon.log()
@@ -360,12 +365,7 @@ def test_a_decode_that_outlives_the_shutdown_ends_the_process_deliberately(
     try:
         daemon.wait_ready()
         _post_in_background(daemon.url + "/v1/completions", {**LONG, "max_tokens": 4})
-        deadline = time.monotonic() + 60
-        while "this decode never returns" not in daemon.log():
-            assert time.monotonic() < deadline, daemon.log()
-            time.sleep(0.05)
-        os.kill(daemon.proc.pid, signal.SIGTERM)
-        code = daemon.proc.wait(60)
+        code = _sigterm_once(daemon, lambda: "this decode never returns" in daemon.log())
     finally:
         daemon.stop()
     log = daemon.log()
