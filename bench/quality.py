@@ -12,6 +12,9 @@ a running one) serves every model of the catalog; each model gets, through /v1/c
   with its test in a separate Python (isolated mode, a scratch directory, a 5 s CPU limit).
 
 At most 384 tokens an answer where the docs set no max_tokens (the "Hello!" request sets 1024).
+`--loops N` also asks each docs example N more times at the catalog defaults (seeds 0..N-1, at
+most 1024 tokens) and counts the answers that ran to max_tokens: a small model that loops
+repeats itself until it is cut off.
 
 Each request runs alone (greedy text can differ when requests share a decode step), twice:
 greedy (`temperature` 0) and with the catalog's defaults (with `seed` 1, so a rerun gives the
@@ -207,7 +210,7 @@ def ask(
     if mode == "greedy":
         request["temperature"] = 0
     else:  # what the request leaves out comes from the catalog
-        request["seed"] = 1
+        request.setdefault("seed", 1)
     response = httpx.post(url + "/v1/chat/completions", json=request, timeout=600)
     response.raise_for_status()
     data = response.json()
@@ -246,6 +249,20 @@ def run(url: str, models: list[str], extra: dict[str, object]) -> list[Answer]:
             took = time.monotonic() - started
             print(f"  {model} {mode}: {len(DOCS) + len(TASKS)} requests in {took:.0f} s")
     return answers
+
+
+def loops(url: str, models: list[str], extra: dict[str, object], seeds: int) -> None:
+    """Each docs example `seeds` times at the catalog defaults: how many ran to max_tokens."""
+    for model in models:
+        cut = []
+        for name, body in DOCS:
+            for seed in range(seeds):
+                request = {"max_tokens": 1024, **body, "seed": seed}
+                *_, finish = ask(url, model, request, "defaults", extra)
+                if finish == "length":
+                    cut.append(f"{name} (seed {seed})")
+        total = len(DOCS) * seeds
+        print(f"{model}: {len(cut)} of {total} docs answers ran to max_tokens: {', '.join(cut)}")
 
 
 def report(answers: list[Answer], show: int) -> None:
@@ -316,6 +333,7 @@ def main() -> None:
         metavar="NAME=JSON",
         help="a request field for every request, e.g. repeat_penalty=1.0 (repeatable)",
     )
+    parser.add_argument("--loops", type=int, default=0, metavar="N", help="see above")
     args = parser.parse_args()
     extra = {k: json.loads(v) for k, v in (p.split("=", 1) for p in args.param)}
     models = args.models or [
@@ -325,6 +343,8 @@ def main() -> None:
         daemon, url = (None, args.url) if args.url else start_daemon(tmp)
         try:
             answers = run(url, models, extra)
+            if args.loops:
+                loops(url, models, extra, args.loops)
         finally:
             if daemon is not None:
                 daemon.terminate()
