@@ -16,7 +16,7 @@ from thoxd.catalog.entries import ModelSpec
 from thoxd.engine.grammar import Candidates, Grammar, GrammarInvalid
 from thoxd.engine.model import LoadedModel
 from thoxd.engine.request import Generation
-from thoxd.engine.sampling import GrammarSpec, SamplingParams
+from thoxd.engine.sampling import GrammarSpec, Sampler, SamplingParams
 from thoxd.engine.schema import json_grammar
 
 HOT = SamplingParams(temperature=1.5, top_k=0, top_p=1.0, min_p=0.0)
@@ -106,3 +106,46 @@ def test_a_cancelled_constrained_request_frees_its_grammar(model: LoadedModel) -
         assert finished.completion_tokens == 4
 
     asyncio.run(scenario())
+
+
+@pytest.mark.parametrize(
+    "params",
+    [SamplingParams(temperature=0.0), SamplingParams(temperature=1.0, top_k=0, min_p=0.05)],
+    ids=["greedy", "min-p"],
+)
+def test_the_shortlist_decides_as_the_whole_vocabulary_would(
+    model: LoadedModel, params: SamplingParams
+) -> None:
+    """A rejected sample is drawn again from the likeliest tokens only when they decide it: the
+    same token for greedy, the same survivors of min-p, as masking every token would give."""
+    spec = GrammarSpec(json_grammar({"type": "object"}))
+    sampler = Sampler(params, model=model.llama, grammar=spec)
+    grammar = Grammar(model.llama, spec.gbnf)
+    rng = np.random.default_rng(7)
+    decided = 0
+    opening = Candidates(np.zeros(model.llama.n_vocab, dtype=np.float32))
+    grammar.mask(opening)
+    allowed = np.flatnonzero(np.isfinite(opening.logits()))  # what may start an object
+    try:
+        for lift in np.linspace(0.0, 16.0, 30):
+            logits = (rng.standard_normal(model.llama.n_vocab) * 4).astype(np.float32)
+            logits[allowed] += lift  # from far below the likeliest token to near it
+            short = sampler._shortlist(logits.copy())
+            full = Candidates(logits.copy())
+            grammar.mask(full)
+            if short is None:
+                continue
+            decided += 1
+            if params.temperature == 0.0:
+                assert short.best() == full.best()
+            else:
+                every = full.logits()
+                survivors = set(np.flatnonzero(every >= every.max() + np.log(params.min_p)))
+                listed = short.logits()
+                assert set(np.flatnonzero(listed >= listed.max() + np.log(params.min_p))) == (
+                    survivors
+                )
+    finally:
+        sampler.close()
+        grammar.close()
+    assert decided > 0  # the shortlist was used at all

@@ -31,14 +31,22 @@ class GrammarInvalid(ValueError):
 class Candidates:
     """Every token with its logit, as llama.cpp's samplers take them (llama_token_data_array)."""
 
-    def __init__(self, logits: np.ndarray[Any, np.dtype[np.float32]]) -> None:
-        self.data = np.empty(len(logits), dtype=TOKEN_DATA)
-        self.data["id"] = np.arange(len(logits), dtype=np.int32)
-        self.data["logit"] = logits
+    def __init__(
+        self,
+        logits: np.ndarray[Any, np.dtype[np.float32]],
+        ids: np.ndarray[Any, np.dtype[np.int32]] | None = None,
+    ) -> None:
+        """Every token, or only `ids` (a shortlist) with their logits."""
+        self._n_vocab = len(logits)
+        if ids is None:
+            ids = np.arange(len(logits), dtype=np.int32)
+        self.data = np.empty(len(ids), dtype=TOKEN_DATA)
+        self.data["id"] = ids
+        self.data["logit"] = logits[ids] if len(ids) < len(logits) else logits
         self.data["p"] = 0.0
         self.raw = llama_cpp.llama_token_data_array(
             data=self.data.ctypes.data_as(llama_cpp.llama_token_data_p),
-            size=len(logits),
+            size=len(ids),
             selected=-1,
             sorted=False,
         )
@@ -48,7 +56,7 @@ class Candidates:
 
     def logits(self) -> np.ndarray[Any, np.dtype[np.float32]]:
         """The logits as the samplers left them, indexed by token id."""
-        out = np.full(len(self.data), -np.inf, dtype=np.float32)
+        out = np.full(self._n_vocab, -np.inf, dtype=np.float32)
         view = self._view()
         out[view["id"]] = view["logit"]
         return out

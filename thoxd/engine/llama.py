@@ -90,6 +90,7 @@ class LlamaModel:
         self.size_bytes: int = llama_cpp.llama_model_size(ptr)
         self.add_bos: bool = llama_cpp.llama_vocab_get_add_bos(self.vocab)
         self.bos: int = llama_cpp.llama_vocab_bos(self.vocab)
+        self.eos: int = llama_cpp.llama_vocab_eos(self.vocab)
         fim = (
             llama_cpp.llama_vocab_fim_pre(self.vocab),
             llama_cpp.llama_vocab_fim_suf(self.vocab),
@@ -134,6 +135,13 @@ class LlamaModel:
             buf = ctypes.create_string_buffer(-n)
             n = llama_cpp.llama_token_to_piece(self.vocab, token, buf, len(buf), 0, False)
         return buf.raw[:n]
+
+    def token_text(self, token: int) -> str:
+        """A token's text as the vocabulary spells it, control tokens included ("<bos>")."""
+        if token < 0:
+            return ""
+        text = llama_cpp.llama_vocab_get_text(self.vocab, token)
+        return text.decode("utf-8", errors="replace") if text else ""
 
     def detokenize(self, tokens: Sequence[int]) -> str:
         return b"".join(self.piece(t) for t in tokens).decode("utf-8", errors="replace")

@@ -114,7 +114,12 @@ class LoadedModel:
         if not source:
             return None
         try:
-            return ChatTemplate(source, bos_token="<bos>" if self.llama.add_bos else "")
+            # The template writes BOS itself (the prompt is tokenized without adding one) when
+            # the model wants one; templates that end turns with EOS need its text too.
+            bos = self.llama.token_text(self.llama.bos) if self.llama.add_bos else ""
+            return ChatTemplate(
+                source, bos_token=bos, eos_token=self.llama.token_text(self.llama.eos)
+            )
         except TemplateInvalid as exc:
             # The model still serves completions and embeddings; chat answers 400.
             logger.warning("model %s: %s; chat is disabled", self.spec.id, exc)

@@ -11,6 +11,7 @@ an argmax over that buffer (first maximum, as llama.cpp's greedy sampler picks).
 
 from __future__ import annotations
 
+import math
 import random
 from collections import deque
 from dataclasses import dataclass
@@ -97,6 +98,11 @@ class TokenLogprob:
     top: tuple[tuple[bytes, float], ...] = ()
 
 
+# When the grammar rejects a sample, the tokens checked first (see Sampler._shortlist): those
+# within 16, then 32 logits of the likeliest, about 4096, then 32768 of them at most.
+SHORTLIST = ((16.0, 4096), (32.0, 32768))
+
+
 class GrammarExhausted(Exception):
     """The grammar allows no token at all: the request ends where it is."""
 
@@ -120,6 +126,8 @@ class Sampler:
         self._grammar = None
         self._model = model
         self._logprobs = logprobs
+        self._top_k = params.top_k
+        self._min_p = params.min_p
         self.last: TokenLogprob | None = None  # of the token `sample` returned, if asked for
         if grammar is not None:
             assert model is not None
@@ -152,17 +160,14 @@ class Sampler:
             token = int(llama_cpp.llama_sampler_sample(self._chain, ctx.ptr, batch_index))
         seen: np.ndarray[Any, np.dtype[np.float32]] = logits  # what log probabilities read
         if self._grammar is not None:
-            # Log probabilities "after the grammar" need the whole mask; otherwise only a
-            # rejected token does.
-            if self._logprobs is not None or not self._grammar.allows(token):
-                candidates = self._masked(logits)
+            if self._logprobs is not None:
+                # Probabilities "after the grammar" need the whole vocabulary masked.
+                candidates = self._masked(Candidates(logits))
                 seen = candidates.logits()
                 if not np.isfinite(seen[token]):
-                    if self._chain is None:
-                        token = candidates.best()
-                    else:
-                        candidates.apply(self._chain)
-                        token = candidates.selected()
+                    token = self._resample(candidates)
+            elif not self._grammar.allows(token):
+                token = self._resample(self._shortlist(logits) or self._masked(Candidates(logits)))
             self._grammar.accept(token)
         if self._logprobs is not None:
             self.last = self._logprob(seen, token)
@@ -170,10 +175,65 @@ class Sampler:
             self._penalties.accept(token)
         return token
 
-    def _masked(self, logits: np.ndarray[Any, np.dtype[np.float32]]) -> Candidates:
-        """Every token with the grammar applied; GrammarExhausted if none is left."""
+    def _resample(self, candidates: Candidates) -> int:
+        """Sample again among `candidates`, the grammar's mask applied."""
+        if self._chain is None:
+            return candidates.best()
+        candidates.apply(self._chain)
+        return candidates.selected()
+
+    def _shortlist(self, logits: np.ndarray[Any, np.dtype[np.float32]]) -> Candidates | None:
+        """The likeliest tokens with the grammar applied, when they decide the draw as the whole
+        vocabulary would; else None, and the whole vocabulary is masked. A rejected token then
+        costs a check of a few thousand tokens instead of all of them (262 144 for Gemma 3:
+        ~25 ms). They decide it when
+        - greedy: one of them is allowed (the likeliest allowed token is among them);
+        - top-k: `top_k` of them are allowed (the top-k of the allowed tokens, all the chain
+          ever sees, are among them);
+        - min-p: an allowed one is likelier than every token left out by more than min-p's
+          ratio, so min-p would drop every token left out (they only miss from the softmax
+          that top-p reads, and by less than min-p of the likeliest each).
+        Tries the tokens within each of SHORTLIST's spans of the likeliest, at most about
+        `most` of them (a cut estimated from every 32nd logit: one pass over the logits, no
+        sort)."""
+        top = float(logits.max())
+        sample = logits[:: max(1, len(logits) // 8192)]
+        for span, most in SHORTLIST:
+            keep = max(1, len(sample) * most // len(logits))
+            cut = float(np.partition(sample, len(sample) - keep)[len(sample) - keep])
+            floor = max(top - span, cut)  # every token left out is below this
+            ids: np.ndarray[Any, np.dtype[np.int32]] = np.flatnonzero(logits >= floor).astype(
+                np.int32
+            )
+            if len(ids) >= len(logits) // 2:
+                return None
+            candidates = self._decides(logits, ids, floor)
+            if candidates is not None:
+                return candidates
+        return None
+
+    def _decides(
+        self,
+        logits: np.ndarray[Any, np.dtype[np.float32]],
+        ids: np.ndarray[Any, np.dtype[np.int32]],
+        floor: float,
+    ) -> Candidates | None:
+        candidates = Candidates(logits, ids)
         assert self._grammar is not None
-        candidates = Candidates(logits)
+        self._grammar.mask(candidates)
+        kept = candidates.data["logit"]
+        allowed = np.isfinite(kept)
+        if not allowed.any():
+            return None
+        if self._chain is None or (0 < self._top_k <= int(allowed.sum())):
+            return candidates
+        if self._min_p > 0 and float(kept[allowed].max()) - floor > -math.log(self._min_p):
+            return candidates
+        return None
+
+    def _masked(self, candidates: Candidates) -> Candidates:
+        """`candidates` with the grammar applied; GrammarExhausted if none is left."""
+        assert self._grammar is not None
         self._grammar.mask(candidates)
         if not np.isfinite(candidates.data["logit"]).any():
             raise GrammarExhausted
