@@ -98,7 +98,7 @@ def main() -> int:
     p.add_argument("--rounds", type=int, default=2)
     p.add_argument("--threads", type=int, default=2)
     args = p.parse_args()
-    spec = Catalog.load(ROOT / "models.toml").get("thox-coder")
+    spec = Catalog.load(ROOT / "models.toml").get("gemma-3-270m")  # what RESULTS measured
     route_llama_logs()
     backend_init()
     config = EngineConfig(

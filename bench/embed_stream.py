@@ -24,7 +24,7 @@ import httpx
 
 REPO = Path(__file__).resolve().parent.parent
 STREAM = {
-    "model": "thox-coder",
+    "model": "gemma-3-270m",
     "prompt": "1, 2, 3, 4, 5,",
     "temperature": 0,
     "repeat_penalty": 1.0,
@@ -48,7 +48,7 @@ def stream(url: str, tokens: int, arrivals: list[float]) -> None:
 
 def embed(url: str, words: int) -> float:
     started = time.monotonic()
-    body = {"model": "thox-coder", "input": "word " * words}
+    body = {"model": "gemma-3-270m", "input": "word " * words}
     httpx.post(url + "/v1/embeddings", json=body, timeout=300).raise_for_status()
     return time.monotonic() - started
 

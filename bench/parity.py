@@ -66,7 +66,7 @@ def main() -> int:
     p.add_argument("--group", type=int, default=4)
     p.add_argument("--draft-max", type=int, default=EngineConfig.draft_max)
     args = p.parse_args()
-    spec = Catalog.load(ROOT / "models.toml").get("thox-coder")
+    spec = Catalog.load(ROOT / "models.toml").get("gemma-3-270m")  # what RESULTS measured
     route_llama_logs()
     backend_init()
     config = EngineConfig(

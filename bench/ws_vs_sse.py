@@ -35,7 +35,7 @@ def free_port() -> int:
 
 
 def body(tokens: int) -> dict[str, object]:
-    return {"model": "thox-coder", "prompt": PROMPT, "max_tokens": tokens, "temperature": 0}
+    return {"model": "gemma-3-270m", "prompt": PROMPT, "max_tokens": tokens, "temperature": 0}
 
 
 def rates(sent: float, arrivals: list[float]) -> tuple[float, float]:
