@@ -281,6 +281,7 @@ def test_a_named_tool_is_called_with_valid_arguments(client: openai.OpenAI) -> N
         messages=ASK,
         tools=TOOLS,
         tool_choice={"type": "function", "function": {"name": "get_weather"}},
+        parallel_tool_calls=False,
         temperature=1.0,
         max_tokens=120,
     ).choices[0]
@@ -324,6 +325,7 @@ def test_streamed_tool_calls_assemble_in_the_sdk(client: openai.OpenAI) -> None:
         messages=ASK,
         tools=TOOLS,
         tool_choice="required",
+        parallel_tool_calls=False,
         temperature=1.0,
         max_tokens=120,
     ) as stream:
@@ -337,8 +339,9 @@ def test_streamed_tool_calls_assemble_in_the_sdk(client: openai.OpenAI) -> None:
 
 def test_a_tool_result_goes_back_into_the_conversation(client: openai.OpenAI) -> None:
     first = client.chat.completions.create(
-        model=MODEL, messages=ASK, tools=TOOLS, tool_choice="required", max_tokens=120
-    ).choices[0]
+        model=MODEL, messages=ASK, tools=TOOLS, tool_choice="required",
+        parallel_tool_calls=False, max_tokens=120,
+    ).choices[0]  # fmt: skip
     call = first.message.tool_calls[0]
     messages: list[Any] = [
         *ASK,
@@ -427,7 +430,7 @@ def test_json_schema_and_tool_calls_over_the_websocket(box: Daemon) -> None:
         }))  # fmt: skip
         ws.send(json.dumps({
             "id": "t", "model": MODEL, "messages": ASK, "tools": TOOLS, "max_tokens": 120,
-            "tool_choice": "required",
+            "tool_choice": "required", "parallel_tool_calls": False,
         }))  # fmt: skip
         text, calls, done = "", {}, {}
         while len(done) < 2:
