@@ -151,11 +151,13 @@ class Daemon:
             time.sleep(0.02)
 
     def cancelled(self) -> float:
-        """Generations that ended cancelled (a client left, or cancelled), from /metrics."""
-        for line in httpx.get(self.url + "/metrics").text.splitlines():
-            if line.startswith("thoxd_generations_total{") and '"cancelled"' in line:
-                return float(line.rsplit(" ", 1)[1])
-        return 0.0
+        """Generations that ended cancelled (a client left, or cancelled), from /metrics,
+        summed over the models (the counter has a line per model)."""
+        return sum(
+            float(line.rsplit(" ", 1)[1])
+            for line in httpx.get(self.url + "/metrics").text.splitlines()
+            if line.startswith("thoxd_generations_total{") and '"cancelled"' in line
+        )
 
     def log(self) -> str:
         return self.log_path.read_text()[-4000:]

@@ -15,13 +15,14 @@ from typing import Any, Literal, get_args, get_origin
 from pydantic import ValidationError
 
 from thoxd import __version__
+from thoxd.api import mcp_stdio
 from thoxd.catalog.cli import add_models_parser, run_models
 from thoxd.catalog.entries import Catalog, CatalogError
 from thoxd.catalog.files import remove_stale_partials
 from thoxd.errors import ModelNotFound
 from thoxd.settings import Settings, load_settings, settings_error
 
-COMMANDS = ("serve", "models")
+COMMANDS = ("serve", "models", "mcp-stdio")
 
 
 def _flag(name: str) -> str:
@@ -59,6 +60,7 @@ def build_parser() -> argparse.ArgumentParser:
             kwargs["choices"] = get_args(annotation)
         serve.add_argument(_flag(name), dest=name, metavar=name.upper(), **kwargs)
     add_models_parser(commands)
+    mcp_stdio.add_parser(commands)
     return parser
 
 
@@ -70,6 +72,8 @@ def main(argv: Sequence[str] | None = None) -> int:
     args = build_parser().parse_args(args_in)
     if args.command == "models":
         return run_models(args)
+    if args.command == "mcp-stdio":
+        return mcp_stdio.run(args)
     overrides = {k: v for k, v in vars(args).items() if k in Settings.model_fields}
     try:
         settings = load_settings(overrides, args.config)

@@ -14,6 +14,7 @@ from starlette.middleware import Middleware
 from starlette.requests import Request
 from starlette.responses import JSONResponse, Response
 
+from thoxd.api.mcp import McpRoutes
 from thoxd.api.metrics import Metrics, MetricsMiddleware
 from thoxd.api.models import ModelRoutes
 from thoxd.api.openai import OpenAIRoutes
@@ -91,6 +92,8 @@ def create_app(
         claimed=lambda: discovery.host_name,
     )
 
+    mcp = McpRoutes(engine, settings, shutdown)
+
     @contextlib.asynccontextmanager
     async def lifespan(app: Starlette) -> AsyncIterator[None]:
         # Load in the background: the socket binds at once and /health says "loading".
@@ -100,7 +103,8 @@ def create_app(
         # mDNS probes and registers in its own task: `discovery.wait_ready()` says when.
         await discovery.start()
         try:
-            yield
+            async with mcp.running():  # the MCP SDK's sessions
+                yield
         finally:
             loading.cancel()
             await discovery.stop()  # goodbyes first, so clients stop coming
@@ -115,6 +119,7 @@ def create_app(
         *ModelRoutes(engine).routes(),
         *system.routes(),
         *StreamRoutes(engine, settings, shutdown).routes(),
+        *mcp.routes(),
     ]
     app = Starlette(
         routes=routes,
