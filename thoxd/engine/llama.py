@@ -223,6 +223,11 @@ class LlamaContext:
     def seq_rm(self, seq_id: int, p0: int, p1: int = -1) -> bool:
         return bool(llama_cpp.llama_memory_seq_rm(self.memory, seq_id, p0, p1))
 
+    def seq_cp(self, src: int, dst: int, p0: int, p1: int) -> None:
+        """Give `dst` the cells of `src` at positions [p0, p1) (shared, not duplicated, in a
+        unified cache)."""
+        llama_cpp.llama_memory_seq_cp(self.memory, src, dst, p0, p1)
+
     def clear(self) -> None:
         llama_cpp.llama_memory_clear(self.memory, True)
 

@@ -88,6 +88,9 @@ class Generation:
     stop_tokens: frozenset[int] = frozenset()
     grammar: GrammarSpec | None = None  # what the output must match (JSON mode, tool calls)
     logprobs: int | None = None  # report each token's log probability and this many others
+    # Another choice of the same prompt (n > 1): this one starts from a copy of that one's
+    # prefilled cells instead of prefilling the prompt again (thoxd.engine.forks).
+    fork_of: Generation | None = None
     cancelled: bool = False
     submitted_at: float = field(default_factory=time.monotonic)
     _loop: asyncio.AbstractEventLoop = field(default_factory=asyncio.get_running_loop)

@@ -35,6 +35,8 @@ class SamplingParams:
     repeat_penalty: float = 1.0
     penalty_last_n: int = 64
     seed: int | None = None
+    # (token id, bias) pairs added to the logits before anything else; -100 bans the token.
+    logit_bias: tuple[tuple[int, float], ...] = ()
 
 
 @dataclass(frozen=True)
@@ -122,6 +124,10 @@ class Sampler:
         logprobs: int | None = None,
     ) -> None:
         self._penalties = Penalties(params) if Penalties.needed(params) else None
+        self._bias_ids = np.array([t for t, _ in params.logit_bias], dtype=np.intp)
+        self._bias = np.array(
+            [-np.inf if b <= -100 else b for _, b in params.logit_bias], dtype=np.float32
+        )
         self._chain = None
         self._grammar = None
         self._model = model
@@ -152,6 +158,8 @@ class Sampler:
 
     def sample(self, ctx: LlamaContext, batch_index: int) -> int:
         logits = ctx.logits(batch_index)
+        if len(self._bias):  # first, as llama.cpp's own logit-bias sampler heads its chain
+            logits[self._bias_ids] += self._bias
         if self._penalties is not None:
             self._penalties.apply(logits)
         if self._chain is None:

@@ -42,6 +42,7 @@ from thoxd.engine.drafts import (
 )
 from thoxd.engine.embed import Embedder
 from thoxd.engine.faults import Faults
+from thoxd.engine.forks import leader_of, sync_forks
 from thoxd.engine.grammar import GrammarInvalid
 from thoxd.engine.llama import Batch, LlamaContext, LlamaModel
 from thoxd.engine.queue import WaitQueue
@@ -101,6 +102,7 @@ class Scheduler:
         self._faults = faults or Faults()
         self._failures = 0  # failed steps in a row
         self._turn = 0  # which decoding sequence goes first when they outnumber the batch
+        self._forks: dict[Generation, Slot] = {}  # choices waiting for their leader's prefill
         self.failed: str | None = None  # why the model was given up on
         self._cond = threading.Condition()
         self._stopping = False
@@ -244,12 +246,16 @@ class Scheduler:
             gen.push(Failed(InvalidRequest("The output grammar could not be parsed.")))
             return
         slot, shared = pick_slot(self._slots, gen.prompt)
-        keep = claim(slot, self._ctx, gen.prompt, shared)
+        leader = leader_of(self._slots, gen, shared)
+        keep = claim(slot, self._ctx, gen.prompt, 0 if leader else shared)
+        if leader is not None:  # it prefills nothing until the leader's cells are copied
+            self._forks[gen] = leader
+            alone = False
         slot.run = Running(
             gen=gen,
             sampler=sampler,
             text=TextAssembler(gen.stops),
-            pending=gen.prompt[keep:-1] if alone else gen.prompt[keep:],
+            pending=[] if leader else gen.prompt[keep:-1] if alone else gen.prompt[keep:],
             last_token=gen.prompt[-1],
             cache_n=keep,
             fused=not alone,
@@ -267,6 +273,7 @@ class Scheduler:
 
     def _step(self) -> None:
         self._faults.step(self._name)
+        sync_forks(self._slots, self._forks, self._ctx)
         park_idle(self._slots, self._ctx, self._park_cap)
         batch = self._batch
         batch.clear()
@@ -274,7 +281,9 @@ class Scheduler:
         # decode (guesses at the tokens the rows before them sample).
         outputs: list[tuple[Slot, list[int], list[int]]] = []
         running = [s for s in self._slots if s.run is not None]
-        decoding = [s for s in running if s.run is not None and not s.run.pending]
+        decoding = [
+            s for s in running if s.run and not s.run.pending and s.run.gen not in self._forks
+        ]
         prefill = len(decoding) < len(running)
         if len(decoding) > batch.capacity:  # more slots than the batch holds: take turns
             first = self._turn % len(decoding)
