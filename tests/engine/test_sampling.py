@@ -154,3 +154,39 @@ def test_real_logits_pick_what_llama_cpp_picks(context: LlamaContext, temperatur
     finally:
         unpenalised.close()
     assert plain != expected  # the penalty changed the text: the comparison above means something
+
+
+@pytest.mark.parametrize("temperature", [0.0, 1.0])
+def test_logit_bias_matches_llama_cpps_logit_bias_sampler(
+    context: LlamaContext, temperature: float
+) -> None:
+    """A bias of -100 bans the token the model would pick; other biases move logits as
+    llama.cpp's logit-bias sampler (the head of its chain) moves them."""
+    prompt = "one two one two one two one two"
+    [plain] = _decode_steps(context, prompt, 1, Sampler(SamplingParams(temperature=0.0)).sample)
+    bias = ((plain, -100.0), (7, 2.5), (11, -3.0))
+    params = SamplingParams(temperature=temperature, top_k=1, seed=3, logit_bias=bias)
+    n_vocab = context.model.n_vocab
+    items = (llama_cpp.llama_logit_bias * len(bias))()
+    for i, (token, value) in enumerate(bias):
+        items[i].token, items[i].bias = token, -np.inf if value <= -100 else value
+    reference = _llama_chain(
+        llama_cpp.llama_sampler_init_logit_bias(n_vocab, len(bias), items),
+        llama_cpp.llama_sampler_init_greedy(),
+    )
+    try:
+        expected = _decode_steps(
+            context,
+            prompt,
+            8,
+            lambda c, i: int(llama_cpp.llama_sampler_sample(reference, c.ptr, i)),
+        )
+    finally:
+        llama_cpp.llama_sampler_free(reference)
+    sampler = Sampler(params)
+    try:
+        got = _decode_steps(context, prompt, 8, sampler.sample)
+    finally:
+        sampler.close()
+    assert got == expected
+    assert plain not in got  # banned at every step
