@@ -1,6 +1,7 @@
 """What waits for a model's engine thread: generations for a slot, and embeddings requests.
 
-Both are FIFO and bounded. A request is one entry however many prompts it has (a completion with a
+Both are bounded. Generations are taken fairly between clients (FIFO within one client),
+embeddings FIFO. A request is one entry however many prompts it has (a completion with a
 list of prompts is one request to its client), and a cancelled request stops counting against
 the bound at once, before the engine thread has taken it out. Past the bound: QueueFull (503 with
 Retry-After).
@@ -10,8 +11,8 @@ Not thread-safe on its own: the scheduler calls it under its lock.
 
 from __future__ import annotations
 
-from collections import deque
-from collections.abc import Sequence
+from collections import Counter, deque
+from collections.abc import Mapping, Sequence
 
 from thoxd.engine.request import Embedding, Finished, Generation, Timings
 from thoxd.errors import QueueFull
@@ -45,21 +46,26 @@ class WaitQueue:
             raise QueueFull(queued - 1)
         self._embeds.append(job)
 
-    def take(self, n: int) -> list[Generation]:
-        """Up to `n` generations in order, after the cancelled ones have left (told so)."""
+    def take(self, n: int, running: Mapping[str, int] | None = None) -> list[Generation]:
+        """Up to `n` generations, after the cancelled ones have left (told so). Fair between
+        clients: each comes from the oldest request of the client holding the fewest slots
+        (`running`, plus what this call took), so one client's backlog waits behind another's
+        single request, not in front of it. FIFO within a client, and between equal shares."""
         for entry in self._entries:
             for gen in [g for g in entry if g.cancelled]:
                 entry.remove(gen)
                 gen.push(Finished("cancelled", len(gen.prompt), 0, Timings()))
+        entries = [entry for entry in self._entries if entry]
+        held = Counter(running or {})
         taken: list[Generation] = []
-        while self._entries and len(taken) < n:
-            entry = self._entries[0]
-            if entry:
-                taken.append(entry.pop(0))
-            if not entry:
-                self._entries.popleft()
-        while self._entries and not self._entries[0]:
-            self._entries.popleft()
+        while entries and len(taken) < n:
+            i = min(range(len(entries)), key=lambda k: (held[entries[k][0].client], k))
+            gen = entries[i].pop(0)
+            taken.append(gen)
+            held[gen.client] += 1
+            if not entries[i]:
+                del entries[i]
+        self._entries = deque(entries)
         return taken
 
     def embedding(self) -> Embedding | None:

@@ -91,6 +91,7 @@ class Generation:
     # Another choice of the same prompt (n > 1): this one starts from a copy of that one's
     # prefilled cells instead of prefilling the prompt again (thoxd.engine.forks).
     fork_of: Generation | None = None
+    client: str = ""  # who asked (an address, or a key): the queue is fair between clients
     cancelled: bool = False
     submitted_at: float = field(default_factory=time.monotonic)
     _loop: asyncio.AbstractEventLoop = field(default_factory=asyncio.get_running_loop)

@@ -29,6 +29,7 @@ from __future__ import annotations
 import logging
 import threading
 import time
+from collections import Counter
 from collections.abc import Callable, Sequence
 from dataclasses import dataclass
 
@@ -187,7 +188,8 @@ class Scheduler:
             if self._stopping:
                 return False
             idle = 0 if self._first_token_due() else sum(1 for s in self._slots if s.run is None)
-            admitted = self._queue.take(idle)
+            running = Counter(s.run.gen.client for s in self._slots if s.run is not None)
+            admitted = self._queue.take(idle, running)
             embedding = self._queue.embedding()
         alone = len(admitted) == 1 and not self._busy()
         try:
