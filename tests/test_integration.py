@@ -157,7 +157,7 @@ def test_unknown_model_is_404(client: openai.OpenAI) -> None:
 
 @pytest.mark.parametrize(
     ("field", "value"),
-    [("temperature", 5), ("temperature", "hot"), ("max_tokens", -1), ("n", 3), ("top_p", 2),
+    [("temperature", 5), ("temperature", "hot"), ("max_tokens", -1), ("n", 99), ("top_p", 2),
      ("stop", ["a", "b", "c", "d", "e"]), ("messages", "hi")],
 )  # fmt: skip
 def test_bad_parameters_are_400_naming_the_param(

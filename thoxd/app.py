@@ -14,10 +14,13 @@ from starlette.middleware import Middleware
 from starlette.requests import Request
 from starlette.responses import JSONResponse, Response
 
+from thoxd.api.conversations import ResponseStore
 from thoxd.api.mcp import McpRoutes
 from thoxd.api.metrics import Metrics, MetricsMiddleware
 from thoxd.api.models import ModelRoutes
 from thoxd.api.openai import OpenAIRoutes
+from thoxd.api.request_ids import RequestIdMiddleware, response_id
+from thoxd.api.responses import ResponsesRoutes
 from thoxd.api.system import SystemRoutes
 from thoxd.api.websocket import StreamRoutes
 from thoxd.catalog.entries import Catalog, CatalogError
@@ -54,7 +57,13 @@ async def _http_error(request: Request, exc: Exception) -> Response:
 
 async def _unexpected(request: Request, exc: Exception) -> Response:
     # The traceback goes to the log, never to the client.
-    logger.error("unhandled error on %s %s", request.method, request.url.path, exc_info=exc)
+    logger.error(
+        "unhandled error on %s %s (request %s)",
+        request.method,
+        request.url.path,
+        response_id(request.scope),
+        exc_info=exc,
+    )
     return JSONResponse(ThoxdError("Internal server error.").envelope(), status_code=500)
 
 
@@ -116,6 +125,8 @@ def create_app(
     )
     routes = [
         *OpenAIRoutes(engine, shutdown).routes(),
+        # Stored responses for previous_response_id: in memory, bounded (api/conversations.py).
+        *ResponsesRoutes(engine, ResponseStore(), shutdown).routes(),
         *ModelRoutes(engine).routes(),
         *system.routes(),
         *StreamRoutes(engine, settings, shutdown).routes(),
@@ -126,6 +137,8 @@ def create_app(
         middleware=[
             # First: a body length said two ways closes the connection (thoxd/guards/framing.py).
             Middleware(FramingGuard),
+            # Every answer names its request, refusals included (thoxd/api/request_ids.py).
+            Middleware(RequestIdMiddleware),
             # Then who is asking, and by which name (thoxd/guards/lan.py).
             Middleware(LanGuard, hosts=hosts, allow_public_clients=settings.allow_public_clients),
             Middleware(MetricsMiddleware, metrics=metrics, routes=routes),

@@ -6,9 +6,11 @@
     │   ├── UnsupportedCapability   400 unsupported_capability  (chat on an embedding model, ...)
     │   ├── UnsupportedParameter    400 unsupported_parameter   (a field this model cannot honour)
     │   ├── InvalidHost             400 invalid_host            (no Host, or not a host[:port])
+    │   ├── PreviousResponseNotFound 400 previous_response_not_found (not stored, evicted)
     │   └── AmbiguousFraming        400 ambiguous_framing       (Transfer-Encoding + Content-Length)
     ├── NotFound                    404 not_found
-    │   └── ModelNotFound           404 model_not_found
+    │   ├── ModelNotFound           404 model_not_found
+    │   └── ResponseNotFound        404 response_not_found      (GET /v1/responses/{id})
     ├── Forbidden                   403 forbidden
     │   ├── HostNotAllowed          403 host_not_allowed        (DNS rebinding)
     │   ├── ClientNotAllowed        403 client_not_allowed      (not a LAN address)
@@ -112,6 +114,20 @@ class AmbiguousFraming(InvalidRequest):
         return {"Connection": "close"}
 
 
+class PreviousResponseNotFound(InvalidRequest):
+    """A `previous_response_id` that names no stored response: a 400, as OpenAI answers it (the
+    request is what is wrong), with OpenAI's code, which clients check to resend the history."""
+
+    code = "previous_response_not_found"
+
+    def __init__(self, response_id: str) -> None:
+        super().__init__(
+            f"Previous response with id '{_shown(response_id)}' not found. Responses are kept in"
+            " memory (the most recent ones, while the daemon runs) and only with 'store': true.",
+            param="previous_response_id",
+        )
+
+
 class NotFound(ThoxdError):
     status = 404
     type = "invalid_request_error"
@@ -127,6 +143,18 @@ class ModelNotFound(NotFound):
             f"The model '{shown}' does not exist. GET /v1/models lists the models on this device.",
             param=param,
         )
+
+
+class ResponseNotFound(NotFound):
+    code = "response_not_found"
+
+    def __init__(self, response_id: str) -> None:
+        super().__init__(f"Response with id '{_shown(response_id)}' not found.")
+
+
+def _shown(name: str) -> str:
+    # A client's string in a message: cut short, so an absurd one cannot fill the log.
+    return name if len(name) <= 64 else name[:64] + "..."
 
 
 class Forbidden(ThoxdError):

@@ -109,6 +109,25 @@ def test_a_failed_step_ends_an_sse_stream_with_an_error_event(
     assert client.post("/v1/chat/completions", json=CHAT).status_code == 200
 
 
+def test_a_failed_step_on_the_responses_api_is_a_500_then_a_failed_response(
+    client: TestClient, faults: Armed
+) -> None:
+    body = {"model": MODEL, "input": "Count to ten.", "max_output_tokens": 8}
+    faults.decodes = 1
+    failed = client.post("/v1/responses", json=body)
+    assert failed.status_code == 500
+    _assert_engine_error(failed.json()["error"])
+    faults.decodes = 1
+    with client.stream("POST", "/v1/responses", json={**body, "stream": True}) as stream:
+        assert stream.status_code == 200
+        events = [json.loads(line[6:]) for line in stream.iter_lines() if line.startswith("data: ")]
+    assert [e["type"] for e in events][-1] == "response.failed"
+    response = events[-1]["response"]
+    assert response["status"] == "failed" and response["error"]["code"] == "server_error"
+    assert "Traceback" not in response["error"]["message"]
+    assert client.post("/v1/responses", json=body).status_code == 200
+
+
 def test_a_failed_step_is_an_error_event_and_the_socket_serves_on(
     client: TestClient, faults: Armed
 ) -> None:

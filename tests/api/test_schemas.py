@@ -117,10 +117,76 @@ def test_out_of_range_names_the_param(field: str, value: Any) -> None:
     assert refused(ChatRequest, chat(**{field: value})).param == field
 
 
-def test_n_other_than_one_is_refused_with_a_clear_message() -> None:
-    error = refused(ChatRequest, chat(n=2))
-    assert error.param == "n"
-    assert "n=1" in error.message
+@pytest.mark.parametrize("n", [0, 129, "2"])
+def test_n_out_of_range_names_n(n: object) -> None:
+    # The model's slot count bounds it further (start.py); 1..128 passes the schema.
+    assert refused(ChatRequest, chat(n=n)).param == "n"
+    assert parse(ChatRequest, chat(n=128)).n == 128
+
+
+def test_logit_bias_keys_are_token_ids() -> None:
+    body = parse(ChatRequest, chat(logit_bias={"15": -100, "7": 2.5}))
+    assert body.bias == ((15, -100.0), (7, 2.5))
+    for bad in ({"x": 1}, {"-1": 1}, {"1.5": 1}, {"5": 101}, {"5": "1"}):
+        assert refused(ChatRequest, chat(logit_bias=bad)).param.startswith("logit_bias")
+    many = {str(i): 1 for i in range(1025)}
+    assert (
+        "1024"
+        in refused(CompletionRequest, {"model": "m", "prompt": "p", "logit_bias": many}).message
+    )
+
+
+@pytest.mark.parametrize(
+    ("field", "value"),
+    [
+        ("store", True),
+        ("audio", {"voice": "alloy", "format": "wav"}),
+        ("modalities", ["text", "audio"]),
+        ("functions", [{"name": "f"}]),
+        ("function_call", "auto"),
+        ("prediction", {"type": "content", "content": "x"}),
+        ("reasoning_effort", "high"),
+        ("verbosity", "low"),
+        ("service_tier", "flex"),
+        ("store", 1),
+        ("web_search_options", {}),
+    ],
+)
+def test_defined_but_not_honoured_fields_are_named(field: str, value: object) -> None:
+    error = refused(ChatRequest, chat(**{field: value}))
+    assert isinstance(error, UnsupportedParameter) and error.param == field
+
+
+@pytest.mark.parametrize(
+    ("field", "value"),
+    [
+        ("store", False),
+        ("modalities", ["text"]),
+        ("service_tier", "auto"),
+        ("reasoning_effort", "none"),
+        ("metadata", {"k": "v"}),
+        ("prompt_cache_key", "x"),
+        ("safety_identifier", "u1"),
+        ("no_such_field", 1),
+    ],
+)
+def test_fields_that_ask_for_nothing_pass(field: str, value: object) -> None:
+    assert parse(ChatRequest, chat(**{field: value})).model == "thox-coder"
+    assert parse(ChatRequest, json.loads(chat(**{field: value}))).model == "thox-coder"
+
+
+def test_best_of_is_refused_on_completions() -> None:
+    body = {"model": "m", "prompt": "p", "best_of": 3}
+    assert refused(CompletionRequest, body).param == "best_of"
+    assert parse(CompletionRequest, {**body, "best_of": 1}).prompt == "p"
+
+
+def test_embeddings_dimensions_is_a_positive_integer() -> None:
+    assert parse(EmbeddingRequest, {"model": "m", "input": "x", "dimensions": 64}).dimensions == 64
+    assert (
+        refused(EmbeddingRequest, {"model": "m", "input": "x", "dimensions": 0}).param
+        == "dimensions"
+    )
 
 
 def test_more_than_four_stop_strings() -> None:
@@ -454,3 +520,12 @@ def test_malformed_json_is_still_not_valid_json() -> None:
     for body in (b'{"model": "m", "input": "\\ud800', b'{"model": "m", "input": "x",}'):
         error = refused(EmbeddingRequest, body)
         assert (error.param, error.message) == (None, "The request body is not valid JSON.")
+
+
+def test_null_means_not_given() -> None:
+    """OpenAI's fields are nullable: clients that send every field send nulls."""
+    req = parse(ChatRequest, chat(n=None, stream=None, presence_penalty=None, logprobs=None))
+    assert (req.n, req.stream, req.presence_penalty, req.logprobs) == (1, False, 0.0, False)
+    body = {"model": "m", "input": "x", "encoding_format": None, "dimensions": None}
+    assert parse(EmbeddingRequest, body).encoding_format == "float"
+    assert refused(ChatRequest, chat(model=None)).param == "model"  # a required one stays so

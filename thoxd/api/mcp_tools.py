@@ -21,9 +21,10 @@ from typing import Annotated, Any
 from mcp.server.mcpserver import Context
 from mcp.server.mcpserver.exceptions import ToolError
 from pydantic import BaseModel, Field
+from starlette.requests import HTTPConnection
 
 from thoxd.api.schemas import ChatRequest, CompletionRequest, parse
-from thoxd.api.start import Started, start_chat, start_completion
+from thoxd.api.start import Started, client_of, start_chat, start_completion
 from thoxd.engine import Delta, Engine, Failed, Finished
 from thoxd.errors import ThoxdError, Unavailable
 from thoxd.guards.shutdown import Shutdown
@@ -143,7 +144,7 @@ class ThoxTools:
             body["stop"] = ["\n\n\n"]
         request = parse(CompletionRequest, body)
         text, reason = await self._run(
-            ctx, lambda: start_completion(self.engine, request), body["max_tokens"]
+            ctx, lambda client: start_completion(self.engine, request, client), body["max_tokens"]
         )
         return Completion(completion=text, model=name, fill_in_the_middle=fim, finish_reason=reason)
 
@@ -244,15 +245,19 @@ class ThoxTools:
         if response_format is not None:
             body["response_format"] = response_format
         request = parse(ChatRequest, body)
-        text, reason = await self._run(ctx, lambda: start_chat(self.engine, request), max_tokens)
+        text, reason = await self._run(
+            ctx, lambda client: start_chat(self.engine, request, client), max_tokens
+        )
         return text, reason, name
 
     async def _run(
-        self, ctx: Context, start: Callable[[], Awaitable[Started]], max_tokens: int
+        self, ctx: Context, start: Callable[[str], Awaitable[Started]], max_tokens: int
     ) -> tuple[str, str]:
-        """Generate, reporting progress; a ThoxdError becomes a tool error the IDE shows."""
+        """Generate, reporting progress; a ThoxdError becomes a tool error the IDE shows.
+        `start` is given the client (the HTTP request's), for the queue's fair share."""
+        request = ctx.request_context.request
         try:
-            started = await start()
+            started = await start(client_of(request) if isinstance(request, HTTPConnection) else "")
         except ThoxdError as exc:
             raise ToolError(_shown(exc)) from None
         forget = self.shutdown.at_end(started.cancel)

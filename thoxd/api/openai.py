@@ -8,7 +8,6 @@ from __future__ import annotations
 
 import asyncio
 import base64
-import json
 import struct
 from collections.abc import AsyncIterator, Awaitable, Callable, Iterator
 from typing import Any
@@ -16,7 +15,6 @@ from typing import Any
 from starlette.requests import Request
 from starlette.responses import JSONResponse, Response, StreamingResponse
 from starlette.routing import Route
-from starlette.types import Receive
 
 from thoxd.api.schemas import (
     ChatRequest,
@@ -25,43 +23,14 @@ from thoxd.api.schemas import (
     GenerationBody,
     parse,
 )
+from thoxd.api.serving import SSE_HEADERS, merged_events, unless_gone
+from thoxd.api.serving import sse_data as _sse_data
 from thoxd.api.shapes import Choice, Envelope
-from thoxd.api.start import Started, split_prompts, start_chat, start_completion
+from thoxd.api.start import Started, client_of, split_prompts, start_chat, start_completion
 from thoxd.api.toolcalls import Output
 from thoxd.engine import Delta, Embedding, Engine, Failed, Finished, TokenLogprob
+from thoxd.errors import UnsupportedParameter
 from thoxd.guards.shutdown import Shutdown, shutting_down
-
-SSE_HEADERS = {"Cache-Control": "no-cache", "X-Accel-Buffering": "no"}
-
-
-async def merged_events(started: Started) -> AsyncIterator[tuple[int, Delta | Finished | Failed]]:
-    """Events of every choice as they come, tagged with the choice index."""
-    if len(started.generations) == 1:
-        async for event in started.generations[0].events():
-            yield 0, event
-        return
-    queue: asyncio.Queue[tuple[int, Delta | Finished | Failed]] = asyncio.Queue()
-
-    async def pump(index: int) -> None:
-        async for event in started.generations[index].events():
-            await queue.put((index, event))
-
-    tasks = [asyncio.create_task(pump(i)) for i in range(len(started.generations))]
-    try:
-        open_choices = len(tasks)
-        while open_choices:
-            index, event = await queue.get()
-            if not isinstance(event, Delta):
-                open_choices -= 1
-            yield index, event
-    finally:
-        for task in tasks:
-            task.cancel()
-
-
-async def _until_disconnect(receive: Receive) -> None:
-    while (await receive())["type"] != "http.disconnect":
-        pass
 
 
 class OpenAIRoutes:
@@ -80,17 +49,18 @@ class OpenAIRoutes:
 
     async def chat(self, request: Request) -> Response:
         body = parse(ChatRequest, await request.body())
-        started = await start_chat(self.engine, body)
-        return await self._respond(request, body, started, Envelope("chat", body.model))
+        started = await start_chat(self.engine, body, client_of(request))
+        return await self._respond(request, body, started, Envelope("chat", body.model, body.n))
 
     async def completions(self, request: Request) -> Response:
         body = parse(CompletionRequest, await request.body())
-        started = await start_completion(self.engine, body)
-        return await self._respond(request, body, started, Envelope("text", body.model))
+        started = await start_completion(self.engine, body, client_of(request))
+        return await self._respond(request, body, started, Envelope("text", body.model, body.n))
 
     async def _respond(
         self, request: Request, body: GenerationBody, started: Started, envelope: Envelope
     ) -> Response:
+        request.state.response_id = envelope.id  # the x-request-id header (request_ids.py)
         if body.stream:
             return StreamingResponse(
                 self._sse(started, envelope, body.include_usage),
@@ -106,17 +76,7 @@ class OpenAIRoutes:
         """`work`'s result, or None if the client left first: then `cancel` frees what it held
         (slots, an embedding in progress) now, since nobody will read the answer. Past the
         shutdown's grace period `cancel` runs too, and the answer is a 503."""
-        done = asyncio.ensure_future(work)
-        gone = asyncio.ensure_future(_until_disconnect(request.receive))
-        forget = self.shutdown.at_end(cancel)
-        await asyncio.wait({done, gone}, return_when=asyncio.FIRST_COMPLETED)
-        forget()
-        gone.cancel()
-        if not done.done():
-            cancel()
-            done.cancel()
-            return None
-        return done.result()
+        return await unless_gone(request, work, cancel, self.shutdown)
 
     async def _collect(self, started: Started, envelope: Envelope) -> dict[str, Any]:
         n = len(started.generations)
@@ -147,7 +107,7 @@ class OpenAIRoutes:
     async def _sse(
         self, started: Started, envelope: Envelope, include_usage: bool
     ) -> AsyncIterator[str]:
-        finished: list[Finished] = []
+        finished: list[Finished | None] = [None] * len(started.generations)
         outputs = started.outputs()
         offsets = [0] * len(outputs)  # where each text completion's next piece starts
         # Past the shutdown's grace period: cancelled, and ended with a shutting_down event.
@@ -169,13 +129,13 @@ class OpenAIRoutes:
                 else:
                     for delta in outputs[index].flush():
                         yield _sse_data(envelope.chunk(index, delta))
-                    finished.append(event)
+                    finished[index] = event
                     reason = Choice(outputs[index].finish(), event).finish_reason
                     last = envelope.chunk(index, None, reason)
                     last["timings"] = event.timings.as_dict()
                     yield _sse_data(last)
             if include_usage:
-                yield _sse_data(envelope.usage_chunk(finished))
+                yield _sse_data(envelope.usage_chunk([f for f in finished if f is not None]))
             yield "data: [DONE]\n\n"
         finally:
             # Runs when the client disconnects too: the slots are freed within one step.
@@ -208,6 +168,12 @@ class OpenAIRoutes:
         body = parse(EmbeddingRequest, await request.body())
         items = split_prompts(body.input)  # at most 2048 (schemas.py), embedded one by one
         async with self.engine.use(body.model, body.keep_alive) as model:
+            if body.dimensions not in (None, size := model.llama.n_embd):
+                raise UnsupportedParameter(
+                    f"The model '{model.spec.id}' makes {size}-dimension vectors only; it was"
+                    " not trained to give shortened ones ('dimensions').",
+                    param="dimensions",
+                )
             inputs = [
                 await model.tokenize(item, add_special=True) if isinstance(item, str) else item
                 for item in items
@@ -233,10 +199,6 @@ class OpenAIRoutes:
             "model": body.model,
             "usage": {"prompt_tokens": n_tokens, "total_tokens": n_tokens},
         }
-
-
-def _sse_data(obj: dict[str, Any]) -> str:
-    return f"data: {json.dumps(obj, separators=(',', ':'))}\n\n"
 
 
 def _encode(vector: list[float], body: EmbeddingRequest) -> list[float] | str:

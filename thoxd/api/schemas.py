@@ -6,8 +6,6 @@ refused with a 400 that names the offending `param`.
 
 from __future__ import annotations
 
-import json
-import re
 from typing import Annotated, Any, Literal, TypeVar
 
 from pydantic import (
@@ -17,8 +15,11 @@ from pydantic import (
     Field,
     ValidationError,
     field_validator,
+    model_validator,
 )
 
+from thoxd.api import unsupported
+from thoxd.api.surrogates import lone_surrogate, surrogate_in_json
 from thoxd.catalog.entries import Duration
 from thoxd.errors import InvalidRequest, UnsupportedParameter
 
@@ -26,6 +27,7 @@ _Model = TypeVar("_Model", bound=BaseModel)
 
 # Large enough that "as many as fit" is always expressible; the context bounds it in practice.
 _MAX_TOKENS_BOUND = 1 << 31
+MAX_LOGIT_BIAS = 1024  # tokens one request may bias
 StopString = Annotated[str, Field(min_length=1, max_length=512)]
 
 
@@ -70,7 +72,17 @@ class StreamOptions(_Body):
     include_usage: bool = False
 
 
-class GenerationBody(_Body):
+class _RequestBody(_Body):
+    """A whole request body. OpenAI's fields are nullable: `"n": null` (some clients send every
+    field) means "not given", so it gets the default instead of a 400."""
+
+    @model_validator(mode="before")
+    @classmethod
+    def _null_is_unset(cls, data: Any) -> Any:
+        return {k: v for k, v in data.items() if v is not None} if isinstance(data, dict) else data
+
+
+class GenerationBody(_RequestBody):
     """Fields shared by chat and text completions."""
 
     model: str = Field(min_length=1, max_length=256)
@@ -85,7 +97,10 @@ class GenerationBody(_Body):
     repeat_penalty: float | None = Field(None, gt=0.0, le=10.0)
     stop: StopString | list[StopString] | None = None
     seed: int | None = Field(None, ge=-(1 << 63), le=(1 << 64) - 1)
-    n: int = Field(1, ge=1, le=1)
+    n: int = Field(1, ge=1, le=128)  # and at most the model's slots (start.py)
+    # Token id (as a JSON key) -> bias added to its logit; -100 bans it. Ids are checked
+    # against the model's vocabulary in start.py.
+    logit_bias: dict[str, Annotated[float, Field(ge=-100.0, le=100.0)]] | None = None
     # An extension (Ollama's): how long the model stays loaded once idle after this request.
     keep_alive: Duration | None = None
     user: str | None = Field(None, max_length=512)
@@ -101,6 +116,25 @@ class GenerationBody(_Body):
 
     def check_supported(self) -> None:
         """Raise UnsupportedParameter for a field whose promise about the output we cannot keep."""
+
+    @field_validator("logit_bias")
+    @classmethod
+    def _token_id_keys(cls, value: dict[str, float] | None) -> dict[str, float] | None:
+        if value is None:
+            return value
+        if len(value) > MAX_LOGIT_BIAS:
+            raise ValueError(f"at most {MAX_LOGIT_BIAS} tokens")
+        for key in value:
+            if not (key.isascii() and key.isdigit() and int(key) <= MAX_TOKEN_ID):
+                raise ValueError(
+                    f"its keys are token ids (integers from 0), and {key!r} is not one"
+                )
+        return value
+
+    @property
+    def bias(self) -> tuple[tuple[int, float], ...]:
+        """`logit_bias` as (token id, bias) pairs."""
+        return tuple((int(k), v) for k, v in (self.logit_bias or {}).items())
 
     @property
     def logprobs_wanted(self) -> int | None:
@@ -160,6 +194,13 @@ class NamedToolChoice(_Body):
 
 class ChatRequest(GenerationBody):
     messages: list[ChatMessage] = Field(min_length=1, max_length=4096)
+
+    @model_validator(mode="before")
+    @classmethod
+    def _refuse_unsupported(cls, data: Any) -> Any:
+        unsupported.refuse(data, unsupported.CHAT)
+        return data
+
     logprobs: bool = False
     top_logprobs: int | None = Field(None, ge=0, le=20)
     response_format: ResponseFormat | None = None
@@ -240,6 +281,13 @@ def _prompt(name: str, most: int) -> AfterValidator:
 
 class CompletionRequest(GenerationBody):
     prompt: Annotated[PromptInput, _prompt("prompt", 64)]
+
+    @model_validator(mode="before")
+    @classmethod
+    def _refuse_unsupported(cls, data: Any) -> Any:
+        unsupported.refuse(data, unsupported.COMPLETIONS)
+        return data
+
     # Fill-in-the-middle: the text that follows the completion (models with FIM tokens only).
     suffix: str | None = None
     echo: bool = False  # the prompt's text comes first in each choice's text
@@ -264,10 +312,13 @@ class CompletionRequest(GenerationBody):
         return self.logprobs
 
 
-class EmbeddingRequest(_Body):
+class EmbeddingRequest(_RequestBody):
     model: str = Field(min_length=1, max_length=256)
+
     input: Annotated[PromptInput, _prompt("input", 2048)]
     encoding_format: Literal["float", "base64"] = "float"
+    # Shortened vectors: no model here was trained for them, so only the full size is served.
+    dimensions: int | None = Field(None, ge=1)
     user: str | None = Field(None, max_length=512)
     keep_alive: Duration | None = None
 
@@ -294,66 +345,16 @@ def parse(model: type[_Model], data: bytes | dict[str, Any]) -> _Model:
 def _as_invalid_request(exc: ValidationError, data: bytes | dict[str, Any]) -> InvalidRequest:
     error = exc.errors(include_url=False, include_input=False)[0]
     if error["type"] == "json_invalid":
-        where = _surrogate_in_json(data) if isinstance(data, bytes | bytearray) else None
+        where = surrogate_in_json(data) if isinstance(data, bytes | bytearray) else None
         if where is not None:
             return _surrogate_error(where)
         return InvalidRequest("The request body is not valid JSON.", param=None)
     if error["type"] == "model_type" and not error["loc"]:
         return InvalidRequest("The request body must be a JSON object.", param=None)
     param = _param_name(error["loc"])
-    if param == "n":
-        return InvalidRequest("Only n=1 is supported: send one request per choice.", param="n")
     # A validator's own words, without pydantic's "Value error, " in front of them.
     reason = error.get("ctx", {}).get("error", error["msg"])
     return InvalidRequest(f"Invalid value for '{param}': {reason}.", param=param)
-
-
-# -- lone surrogates ---------------------------------------------------------------------------
-# JSON may spell a UTF-16 surrogate alone ("\ud800"); Python's json decodes it into a str that
-# cannot be encoded, so it would fail deep inside tokenizing, logging or sending. Refused here.
-
-_SURROGATE = re.compile("[\ud800-\udfff]")
-
-
-def has_lone_surrogate(text: str) -> bool:
-    return _SURROGATE.search(text) is not None
-
-
-def lone_surrogate(data: object) -> tuple[int | str, ...] | None:
-    """Where the first string holding a lone surrogate lies in decoded JSON, or None. For a key,
-    the location of its object: the key itself cannot go into a message."""
-    # Iterative, with each location kept as a link to its parent: linear whatever the depth.
-    todo: list[tuple[object, tuple[Any, int | str] | None]] = [(data, None)]
-    while todo:
-        value, at = todo.pop()
-        if isinstance(value, str):
-            if has_lone_surrogate(value):
-                return _unlink(at)
-        elif isinstance(value, dict):
-            for key in value:
-                if isinstance(key, str) and has_lone_surrogate(key):
-                    return _unlink(at)
-            todo.extend((item, (at, key)) for key, item in reversed(value.items()))
-        elif isinstance(value, list):
-            todo.extend((item, (at, i)) for i, item in reversed(list(enumerate(value))))
-    return None
-
-
-def _unlink(at: tuple[Any, int | str] | None) -> tuple[int | str, ...]:
-    loc: list[int | str] = []
-    while at is not None:
-        at, part = at
-        loc.append(part)
-    return tuple(reversed(loc))
-
-
-def _surrogate_in_json(data: bytes | bytearray) -> tuple[int | str, ...] | None:
-    # Only on the error path: pydantic's parser refuses a lone surrogate as "invalid JSON";
-    # Python's accepts it, so a body it decodes is valid JSON with a string that is not Unicode.
-    try:
-        return lone_surrogate(json.loads(data))
-    except (ValueError, RecursionError):
-        return None
 
 
 def _surrogate_error(loc: tuple[int | str, ...]) -> InvalidRequest:

@@ -5,6 +5,7 @@ from __future__ import annotations
 import json
 import secrets
 import time
+from collections.abc import Sequence
 from dataclasses import dataclass
 from typing import Any
 
@@ -20,16 +21,26 @@ def new_id(prefix: str) -> str:
     return f"{prefix}-{secrets.token_hex(12)}"
 
 
-def usage(prompt_tokens: int, completion_tokens: int) -> dict[str, int]:
+def usage(prompt_tokens: int, completion_tokens: int, cached_tokens: int = 0) -> dict[str, Any]:
     return {
         "prompt_tokens": prompt_tokens,
         "completion_tokens": completion_tokens,
         "total_tokens": prompt_tokens + completion_tokens,
+        # The prompt's start found in the prefix cache (timings.cache_n), as OpenAI reports it.
+        "prompt_tokens_details": {"cached_tokens": cached_tokens},
+        "completion_tokens_details": {"reasoning_tokens": 0},  # no model here reasons apart
     }
 
 
-def total_usage(finished: list[Finished]) -> dict[str, int]:
-    return usage(sum(f.prompt_tokens for f in finished), sum(f.completion_tokens for f in finished))
+def total_usage(finished: Sequence[Finished], n: int = 1) -> dict[str, Any]:
+    """Usage of a response's choices, in choice order: a prompt's tokens count once however many
+    choices (`n`) came from it, as OpenAI counts them."""
+    firsts = finished[::n]
+    return usage(
+        sum(f.prompt_tokens for f in firsts),
+        sum(f.completion_tokens for f in finished),
+        sum(f.timings.cache_n for f in firsts),
+    )
 
 
 def timings(finished: list[Finished]) -> dict[str, Any]:
@@ -44,8 +55,9 @@ def timings(finished: list[Finished]) -> dict[str, Any]:
 class Envelope:
     """The fields every object of one response shares: id, object, created, model."""
 
-    def __init__(self, kind: str, model: str) -> None:
+    def __init__(self, kind: str, model: str, n: int = 1) -> None:
         chat = kind == "chat"
+        self.n = n  # choices per prompt
         self.id = new_id("chatcmpl" if chat else "cmpl")
         self.chat = chat
         self.model = model
@@ -89,7 +101,7 @@ class Envelope:
         return {
             **self._head("chat.completion" if self.chat else "text_completion"),
             "choices": body,
-            "usage": total_usage(finished),
+            "usage": total_usage(finished, self.n),
             "timings": timings(finished),
         }
 
@@ -127,9 +139,10 @@ class Envelope:
             halves = self._delta_templates[index] = (f"data: {head}", f"{tail}\n\n")
         return halves[0] + json.dumps(text) + halves[1]
 
-    def usage_chunk(self, finished: list[Finished]) -> dict[str, Any]:
+    def usage_chunk(self, finished: Sequence[Finished]) -> dict[str, Any]:
+        """The last chunk of a stream; `finished` in choice order."""
         obj = "chat.completion.chunk" if self.chat else "text_completion"
-        return {**self._head(obj), "choices": [], "usage": total_usage(finished)}
+        return {**self._head(obj), "choices": [], "usage": total_usage(finished, self.n)}
 
 
 @dataclass

@@ -8,7 +8,9 @@ once. What comes back is submitted to the engine already; the caller only reads 
 from __future__ import annotations
 
 import asyncio
-from dataclasses import dataclass
+from dataclasses import dataclass, replace
+
+from starlette.requests import HTTPConnection
 
 from thoxd.api.schemas import ChatRequest, CompletionRequest, GenerationBody
 from thoxd.api.toolcalls import Output, PlainOutput
@@ -26,6 +28,7 @@ class Started:
     model: LoadedModel
     generations: list[Generation]
     plan: ChatPlan | None = None
+    n: int = 1  # choices per prompt: generations[i * n + k] is prompt i's choice k
 
     def cancel(self) -> None:
         for gen in self.generations:
@@ -35,7 +38,14 @@ class Started:
         return [self.plan.output() if self.plan else PlainOutput() for _ in self.generations]
 
 
-async def start_chat(engine: Engine, body: ChatRequest) -> Started:
+def client_of(connection: HTTPConnection) -> str:
+    """Who a request comes from, as the queue's fair share counts clients: its address (keys,
+    once they exist, will name clients better)."""
+    return connection.client.host if connection.client else ""
+
+
+async def start_chat(engine: Engine, body: ChatRequest, client: str = "") -> Started:
+    """`client`: who asks (an address, or later a key), for the queue's fair share."""
     body.check_supported()
     # Held from lookup to submit, so the model cannot be evicted in between; after that its
     # generations hold it until they end.
@@ -45,12 +55,12 @@ async def start_chat(engine: Engine, body: ChatRequest) -> Started:
         tokens = await model.tokenize(text, add_special=False)
         if plan.grammar is not None:
             await asyncio.to_thread(model.check_grammar, plan.grammar)
-        started = _submit(model, body, [tokens], "messages", grammar=plan.grammar)
+        started = _submit(model, body, [tokens], "messages", client, grammar=plan.grammar)
         started.plan = plan
         return started
 
 
-async def start_completion(engine: Engine, body: CompletionRequest) -> Started:
+async def start_completion(engine: Engine, body: CompletionRequest, client: str = "") -> Started:
     body.check_supported()
     grammar = response_grammar(body)
     async with engine.use(body.model, body.keep_alive) as model:
@@ -80,7 +90,9 @@ async def start_completion(engine: Engine, body: CompletionRequest) -> Started:
             if body.echo:
                 echoes.append(prompt if isinstance(prompt, str) else model.llama.detokenize(tokens))
             prompts.append(tokens if suffix is None else infill(model, tokens, suffix))
-        return _submit(model, body, prompts, "prompt", echoes if body.echo else None, grammar)
+        return _submit(
+            model, body, prompts, "prompt", client, echoes if body.echo else None, grammar
+        )
 
 
 def infill(model: LoadedModel, prefix: list[int], suffix: list[int]) -> list[int]:
@@ -117,6 +129,7 @@ def sampling_params(model: LoadedModel, body: GenerationBody) -> SamplingParams:
         frequency_penalty=body.frequency_penalty,
         repeat_penalty=d.repeat_penalty if body.repeat_penalty is None else body.repeat_penalty,
         seed=body.seed,
+        logit_bias=body.bias,
     )
 
 
@@ -125,6 +138,7 @@ def _submit(
     body: GenerationBody,
     prompts: list[list[int]],
     param: str,
+    client: str,
     echoes: list[str] | None = None,
     grammar: GrammarSpec | None = None,
 ) -> Started:
@@ -132,24 +146,39 @@ def _submit(
         if not tokens:
             raise InvalidRequest("The prompt is empty.", param=param)
         model.check_fits(len(tokens), param)
+    if body.n > (slots := model.stats().slots):
+        raise InvalidRequest(
+            f"n is at most {slots} on this device (the model's slots run the choices side by"
+            f" side); {body.n} were asked for.",
+            param="n",
+        )
     params = sampling_params(model, body)
+    model.check_token_ids([token for token, _ in params.logit_bias], "logit_bias")
     stops = (*model.spec.stop, *body.stops)
     stop_tokens = model.stop_tokens(stops)
     limit = body.token_limit or model.spec.defaults.max_tokens
-    started = Started(body.model, model, [])
+    started = Started(body.model, model, [], n=body.n)
     for i, tokens in enumerate(prompts):
         room = model.n_ctx - len(tokens)
-        gen = Generation(
-            prompt=tokens,
-            params=params,
-            max_tokens=room if limit is None else min(limit, room),
-            stops=stops,
-            stop_tokens=stop_tokens,
-            grammar=grammar,
-            logprobs=body.logprobs_wanted,
-        )
-        if echoes is not None and echoes[i]:
-            gen.push(Delta(echoes[i]))  # queued before any token the engine sends
-        started.generations.append(gen)
+        leader: Generation | None = None
+        for choice in range(body.n):  # choice k: index i * n + k, as OpenAI numbers them
+            gen = Generation(
+                prompt=tokens,
+                # Each choice draws its own numbers: a seeded request stays reproducible.
+                params=replace(params, seed=params.seed + choice)
+                if params.seed is not None
+                else params,
+                max_tokens=room if limit is None else min(limit, room),
+                stops=stops,
+                stop_tokens=stop_tokens,
+                grammar=grammar,
+                logprobs=body.logprobs_wanted,
+                fork_of=leader,
+                client=client,
+            )
+            leader = leader or gen
+            if echoes is not None and echoes[i]:
+                gen.push(Delta(echoes[i]))  # queued before any token the engine sends
+            started.generations.append(gen)
     model.submit(*started.generations)  # one request, however many prompts: all run, or none
     return started

@@ -43,9 +43,10 @@ from typing import Any
 from starlette.routing import BaseRoute, WebSocketRoute
 from starlette.websockets import WebSocket, WebSocketDisconnect, WebSocketDisconnected
 
-from thoxd.api.schemas import ChatRequest, CompletionRequest, has_lone_surrogate, parse
+from thoxd.api.schemas import ChatRequest, CompletionRequest, parse
 from thoxd.api.shapes import Choice, chat_logprobs, new_id, usage
-from thoxd.api.start import Started, split_prompts, start_chat, start_completion
+from thoxd.api.start import Started, client_of, split_prompts, start_chat, start_completion
+from thoxd.api.surrogates import has_lone_surrogate
 from thoxd.engine import Delta, Engine, Failed
 from thoxd.errors import InvalidRequest, NotFound, ThoxdError
 from thoxd.guards.origins import normal_origins, origin_allowed
@@ -214,7 +215,9 @@ class _Connection:
                         "type": "done",
                         **head,
                         "finish_reason": Choice(output.finish(), event).finish_reason,
-                        "usage": usage(event.prompt_tokens, event.completion_tokens),
+                        "usage": usage(
+                            event.prompt_tokens, event.completion_tokens, event.timings.cache_n
+                        ),
                         "timings": event.timings.as_dict(),
                     }
                     await self.send(done)
@@ -230,16 +233,19 @@ class _Connection:
                 del self.requests[request.id]
 
     async def _start(self, body: dict[str, Any], chat: bool) -> Started:
-        if chat:
-            return await start_chat(self.engine, parse(ChatRequest, body))
-        if "prompt" not in body:
+        if not chat and "prompt" not in body:
             message = "A request needs 'messages' (chat) or 'prompt' (text completion)."
             raise InvalidRequest(message, param="messages")
-        completion = parse(CompletionRequest, body)
-        if len(split_prompts(completion.prompt)) != 1:
+        parsed = parse(ChatRequest, body) if chat else parse(CompletionRequest, body)
+        if parsed.n != 1:  # a request's events carry no choice index here
+            message = "Send n=1 on /v1/stream: give each choice a request of its own, with its id."
+            raise InvalidRequest(message, param="n")
+        if isinstance(parsed, ChatRequest):
+            return await start_chat(self.engine, parsed, client_of(self.websocket))
+        if len(split_prompts(parsed.prompt)) != 1:
             message = "Send one prompt per request on /v1/stream; give each request its own id."
             raise InvalidRequest(message, param="prompt")
-        return await start_completion(self.engine, completion)
+        return await start_completion(self.engine, parsed, client_of(self.websocket))
 
     async def send_error(self, request_id: str | None, error: ThoxdError) -> None:
         await self.send({"type": "error", "id": request_id, **error.envelope()})
