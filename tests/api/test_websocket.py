@@ -142,7 +142,13 @@ def test_completion_with_client_id_matches_rest(ws: ClientConnection, daemon: Da
     rest = httpx.post(daemon.url + "/v1/completions", json=body, timeout=30).json()
     assert text_of(events) == rest["choices"][0]["text"]
     assert done["finish_reason"] == rest["choices"][0]["finish_reason"] == "length"
-    assert done["usage"] == rest["usage"]
+    counts = ("prompt_tokens", "completion_tokens", "total_tokens")
+    assert [done["usage"][k] for k in counts] == [rest["usage"][k] for k in counts]
+    # The REST request found the prompt in the cache the WebSocket request left.
+    assert (
+        rest["usage"]["prompt_tokens_details"]["cached_tokens"]
+        == rest["usage"]["prompt_tokens"] - 1
+    )
 
 
 def test_server_makes_an_id_for_completions(ws: ClientConnection) -> None:
