@@ -9,7 +9,7 @@ from __future__ import annotations
 import asyncio
 import base64
 import struct
-from collections.abc import AsyncIterator, Awaitable, Callable, Iterator
+from collections.abc import AsyncIterator, Iterator
 from typing import Any
 
 from starlette.requests import Request
@@ -23,8 +23,7 @@ from thoxd.api.schemas import (
     GenerationBody,
     parse,
 )
-from thoxd.api.serving import SSE_HEADERS, merged_events, unless_gone
-from thoxd.api.serving import sse_data as _sse_data
+from thoxd.api.serving import SSE_HEADERS, merged_events, sse_data, unless_gone
 from thoxd.api.shapes import Choice, Envelope
 from thoxd.api.start import Started, client_of, split_prompts, start_chat, start_completion
 from thoxd.api.toolcalls import Output
@@ -67,16 +66,10 @@ class OpenAIRoutes:
                 media_type="text/event-stream",
                 headers=SSE_HEADERS,
             )
-        answer = await self._unless_gone(request, self._collect(started, envelope), started.cancel)
+        answer = await unless_gone(
+            request, self._collect(started, envelope), started.cancel, self.shutdown
+        )
         return Response(status_code=499) if answer is None else JSONResponse(answer)
-
-    async def _unless_gone(
-        self, request: Request, work: Awaitable[dict[str, Any]], cancel: Callable[[], None]
-    ) -> dict[str, Any] | None:
-        """`work`'s result, or None if the client left first: then `cancel` frees what it held
-        (slots, an embedding in progress) now, since nobody will read the answer. Past the
-        shutdown's grace period `cancel` runs too, and the answer is a 503."""
-        return await unless_gone(request, work, cancel, self.shutdown)
 
     async def _collect(self, started: Started, envelope: Envelope) -> dict[str, Any]:
         n = len(started.generations)
@@ -115,27 +108,27 @@ class OpenAIRoutes:
         try:
             if envelope.chat:
                 for index in range(len(started.generations)):
-                    yield _sse_data(envelope.chunk(index, {"content": ""}, role=True))
+                    yield sse_data(envelope.chunk(index, {"content": ""}, role=True))
             async for index, event in merged_events(started):
                 if isinstance(event, Delta):
                     for chunk in self._pieces(envelope, index, event, outputs[index], offsets):
                         yield chunk
                 elif isinstance(event, Failed):
-                    yield _sse_data(event.error.envelope())
+                    yield sse_data(event.error.envelope())
                     return
                 elif event.finish_reason == "cancelled" and self.shutdown.ended:
-                    yield _sse_data(shutting_down().envelope())
+                    yield sse_data(shutting_down().envelope())
                     return
                 else:
                     for delta in outputs[index].flush():
-                        yield _sse_data(envelope.chunk(index, delta))
+                        yield sse_data(envelope.chunk(index, delta))
                     finished[index] = event
                     reason = Choice(outputs[index].finish(), event).finish_reason
                     last = envelope.chunk(index, None, reason)
                     last["timings"] = event.timings.as_dict()
-                    yield _sse_data(last)
+                    yield sse_data(last)
             if include_usage:
-                yield _sse_data(envelope.usage_chunk([f for f in finished if f is not None]))
+                yield sse_data(envelope.usage_chunk([f for f in finished if f is not None]))
             yield "data: [DONE]\n\n"
         finally:
             # Runs when the client disconnects too: the slots are freed within one step.
@@ -160,7 +153,7 @@ class OpenAIRoutes:
             chunk = envelope.chunk(index, delta, logprobs=logprobs, offset=offsets[index])
             offsets[index] += len(delta.get("content", ""))
             logprobs = None
-            yield _sse_data(chunk)
+            yield sse_data(chunk)
 
     # -- embeddings ------------------------------------------------------------------------
 
@@ -179,7 +172,7 @@ class OpenAIRoutes:
                 for item in items
             ]
             job = model.embed(inputs)  # holds the model until it ends
-        answer = await self._unless_gone(request, self._embedded(job, body), job.cancel)
+        answer = await unless_gone(request, self._embedded(job, body), job.cancel, self.shutdown)
         return Response(status_code=499) if answer is None else JSONResponse(answer)
 
     async def _embedded(self, job: Embedding, body: EmbeddingRequest) -> dict[str, Any]:
