@@ -10,11 +10,16 @@ chunks, and lets a request that was cancelled stop after the chunk in hand.
 
 from __future__ import annotations
 
+import logging
+from collections.abc import Callable
+
 import numpy as np
 
 from thoxd.engine.llama import Batch, ContextConfig, LlamaContext, LlamaModel
 from thoxd.engine.request import Embedding
 from thoxd.errors import EngineFailure
+
+logger = logging.getLogger("thoxd.engine")
 
 # Tokens per embedding decode: memory follows this, not the input's length.
 EMBED_BATCH = 64
@@ -56,6 +61,23 @@ class Embedder:
             job.vectors.append([float(v) for v in job.total / norm])
             job.position, job.total = 0, None
         return len(job.vectors) == len(job.inputs)
+
+    def chunk(self, job: Embedding, *, shared: bool, fault: Callable[[int], None]) -> bool:
+        """`step`, with a failure contained: it ends `job` only (this context is separate from
+        the generations'), the next job starting from an empty cache. True once `job` has ended
+        (its vectors, or its error, handed back). `fault` is the engine's fault seam, given
+        the current input's length."""
+        try:
+            fault(len(job.inputs[len(job.vectors)]))
+            done = self.step(job, shared=shared)
+        except Exception as exc:
+            logger.error("an embedding failed: %r", exc)
+            self.reset()
+            job.fail(EngineFailure("The model failed to embed this input."))
+            return True
+        if done:
+            job.finish()
+        return done
 
     def reset(self) -> None:
         """After a failure: the next chunk starts from an empty cache."""

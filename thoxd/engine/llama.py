@@ -103,6 +103,8 @@ class LlamaModel:
         self.rewindable: bool = not (
             llama_cpp.llama_model_is_recurrent(ptr) or llama_cpp.llama_model_is_hybrid(ptr)
         )
+        # Positions a sliding-window layer attends back over (0: every layer sees everything).
+        self.n_swa: int = llama_cpp.llama_model_n_swa(ptr)
         self._eog = {t for t in range(self.n_vocab) if llama_cpp.llama_vocab_is_eog(self.vocab, t)}
 
     def close(self) -> None:
@@ -228,8 +230,10 @@ class LlamaContext:
         unified cache)."""
         llama_cpp.llama_memory_seq_cp(self.memory, src, dst, p0, p1)
 
-    def clear(self) -> None:
-        llama_cpp.llama_memory_clear(self.memory, True)
+    def clear(self, *, data: bool = True) -> None:
+        """Empty the cache; the next cells are taken from cell 0 on. With `data` False only
+        the cells' bookkeeping is reset, not their contents (masked out until written again)."""
+        llama_cpp.llama_memory_clear(self.memory, data)
 
     def seq_save(self, seq_id: int) -> bytes:
         """A copy of one sequence's cache cells (keys, values, positions), to restore later."""
@@ -242,6 +246,14 @@ class LlamaContext:
         """Put a saved sequence back into (empty) `seq_id`; False if the cache had no room."""
         buf = (ctypes.c_uint8 * len(data)).from_buffer_copy(data)
         return bool(llama_cpp.llama_state_seq_set_data(self.ptr, buf, len(data), seq_id))
+
+    def seq_covers(self, seq_id: int, n: int) -> bool:
+        """Whether the sequence's cells hold everything a token at position `n` attends to
+        before it. A sliding-window model's saved state keeps only the last window's cells of
+        its window layers, so a restored sequence cut back below its end may lack some."""
+        pos_min = int(llama_cpp.llama_memory_seq_pos_min(self.memory, seq_id))
+        # llama-server's threshold: its window reaches back to n - n_swa.
+        return pos_min <= max(0, n - self.model.n_swa) if self.model.n_swa else pos_min <= 0
 
     def logits(self, batch_index: int) -> np.ndarray[Any, np.dtype[np.float32]]:
         """A writable view of one output's logits in llama.cpp's buffer, valid until the next

@@ -38,7 +38,6 @@ from thoxd.engine.drafts import (
     Lookup,
     StepCosts,
     measure_step_costs,
-    propose,
     row_counts,
 )
 from thoxd.engine.embed import Embedder
@@ -49,7 +48,17 @@ from thoxd.engine.llama import Batch, LlamaContext, LlamaModel
 from thoxd.engine.queue import WaitQueue
 from thoxd.engine.request import Embedding, Failed, Finished, Generation
 from thoxd.engine.sampling import Sampler
-from thoxd.engine.slots import Running, Slot, advance, claim, park_idle, pick_slot, release
+from thoxd.engine.slots import (
+    Running,
+    Slot,
+    advance,
+    claim,
+    draft_plan,
+    lay_out,
+    park_idle,
+    pick_slot,
+    release,
+)
 from thoxd.engine.text import TextAssembler
 from thoxd.errors import EngineFailure, InvalidRequest, ShuttingDown, ThoxdError
 
@@ -220,21 +229,9 @@ class Scheduler:
         )
 
     def _embed_chunk(self, job: Embedding) -> None:
-        """One chunk of `job`; a failure ends that request only (the embeddings context is
-        separate from the generations')."""
         assert self._embedder is not None
-        try:
-            self._faults.embed(self._name, len(job.inputs[len(job.vectors)]))
-            done = self._embedder.step(job, shared=self._busy())
-        except Exception as exc:
-            logger.error("model %s: an embedding failed: %r", self._name, exc)
-            self._embedder.reset()
-            job.fail(EngineFailure("The model failed to embed this input."))
-            done = True
-        else:
-            if done:
-                job.finish()
-        if done:
+        fault = self._faults.embed
+        if self._embedder.chunk(job, shared=self._busy(), fault=lambda n: fault(self._name, n)):
             with self._cond:
                 self._queue.embedding_done(job)
 
@@ -248,6 +245,7 @@ class Scheduler:
             gen.push(Failed(InvalidRequest("The output grammar could not be parsed.")))
             return
         slot, shared = pick_slot(self._slots, gen.prompt)
+        lay_out(self._slots, slot, self._ctx, gen.prompt, shared, self._park_cap, alone=alone)
         leader = leader_of(self._slots, gen, shared)
         keep = claim(slot, self._ctx, gen.prompt, 0 if leader else shared)
         if leader is not None:  # it prefills nothing until the leader's cells are copied
@@ -291,7 +289,9 @@ class Scheduler:
             first = self._turn % len(decoding)
             decoding = (decoding[first:] + decoding[:first])[: batch.capacity]
             self._turn += batch.capacity
-        guessed = self._guesses(decoding, prefill)
+        guessed = draft_plan(
+            decoding, self._draft_max, self._n_ctx_seq, None if prefill else self._costs
+        )
         for i, (slot, (guesses, n)) in enumerate(zip(decoding, guessed, strict=True)):
             run = slot.run
             assert run is not None
@@ -333,21 +333,6 @@ class Scheduler:
             reason = advance(slot, self._ctx, self._model, rows, drafts, self._n_ctx_seq)
             if reason is not None:
                 self._finish(slot, reason)
-
-    def _guesses(self, decoding: list[Slot], prefill: bool) -> list[tuple[list[int], int]]:
-        """Each decoding sequence's guesses at its next tokens and how many to check as drafts
-        (none in a step with prefill: its cost is the prefill's, not the measured one)."""
-        if not self._draft_max:
-            return [([], 0)] * len(decoding)
-        sequences = []
-        for slot in decoding:
-            run = slot.run
-            assert run is not None
-            # The step's own token comes first; drafts must fit max_tokens and the context.
-            room = min(self._draft_max, run.gen.max_tokens - run.generated - 1)
-            room = min(room, self._n_ctx_seq - len(slot.cached) - 1)
-            sequences.append((run.lookup, run.acceptance, room))
-        return propose(None if prefill else self._costs, sequences)
 
     def _finish(self, slot: Slot, reason: str) -> None:
         run = slot.run

@@ -5,6 +5,10 @@ cells in host memory.
 A parked slot's cells are copied out (`llama_state_seq_get_data`) and removed from the unified
 cache, so each step attends only over the running sequences; admitting a request into it copies
 them back. The scheduler decides when; this module keeps the bookkeeping.
+
+A request admitted alone gets the cache laid out as a fresh context would lay it out (`lay_out`):
+llama.cpp's attention adds up over cells in cell order, in chunks set by the cache's extent, so
+the same tokens in other cells give other logits (by up to ~1, measured: bench/reproducible.py).
 """
 
 from __future__ import annotations
@@ -12,7 +16,7 @@ from __future__ import annotations
 import time
 from dataclasses import dataclass, field
 
-from thoxd.engine.drafts import Acceptance, Lookup
+from thoxd.engine.drafts import Acceptance, Lookup, StepCosts, propose
 from thoxd.engine.llama import LlamaContext, LlamaModel
 from thoxd.engine.request import Delta, Finished, Generation, Timings
 from thoxd.engine.sampling import GrammarExhausted, Sampler, TokenLogprob
@@ -52,6 +56,9 @@ class Slot:
     last_used: float = 0.0
     # `cached` copied out of the cache while this slot is idle and others run (see park_idle).
     parked: bytes | None = None
+    # Its cells, while not parked, lie in cells 0.. in position order with no other sequence's
+    # in the cache: set by `lay_out` alone, cleared when a request is admitted beside others.
+    alone: bool = False
 
 
 def advance(
@@ -163,7 +170,10 @@ def pick_slot(slots: list[Slot], prompt: list[int]) -> tuple[Slot, int]:
     A cache is worth using when it covers half the prompt or more, or when the prompt
     extends all of it (nothing is lost). Otherwise a short shared start (BOS, a template's
     header) must not cost another prompt its cache: take an empty slot, else the least
-    recently used one."""
+    recently used one, and share nothing. Those few cells were computed in another prompt's
+    batch; reused, they save little and make the output depend on what ran before (Gemma 3's
+    kernels give the same tokens other logits in another batch: 2 of 6 lone prompts, measured).
+    """
     idle = [s for s in slots if s.run is None]
     scored = [(common_prefix(s.cached, prompt), s) for s in idle]
     useful = [
@@ -175,20 +185,27 @@ def pick_slot(slots: list[Slot], prompt: list[int]) -> tuple[Slot, int]:
         n, _, _, slot = max(useful)
         return slot, n
     *_, slot = min((bool(s.cached), s.last_used, s.seq_id, s) for s in idle)
-    return slot, common_prefix(slot.cached, prompt)
+    return slot, 0
+
+
+def _keep(prompt: list[int], shared: int) -> int:
+    """The cached tokens a prompt reuses: all it shares but its last (see Running.pending)."""
+    return min(shared, len(prompt) - 1)
 
 
 def claim(slot: Slot, ctx: LlamaContext, prompt: list[int], shared: int) -> int:
     """Make an idle slot's cache hold the first tokens of `prompt` it shares (copying a parked
     prefix back in); how many it kept. The prompt's last token is always computed anew (see
     Running.pending)."""
-    keep = min(shared, len(prompt) - 1)
+    keep = _keep(prompt, shared)
     if slot.parked is not None:
-        if keep == 0 or not ctx.seq_restore(slot.seq_id, slot.parked):
-            ctx.seq_rm(slot.seq_id, -1)
+        if keep and not ctx.seq_restore(slot.seq_id, slot.parked):
             keep = 0
         slot.parked = None
-    if keep < len(slot.cached) and not ctx.seq_rm(slot.seq_id, keep):
+    trimmed = keep >= len(slot.cached) or ctx.seq_rm(slot.seq_id, keep)
+    # Restored, a sliding window's cells are the saved end's last window only: cut back below
+    # that end (then or since), the kept tokens may lack cells the next one attends to.
+    if not trimmed or (keep and not ctx.seq_covers(slot.seq_id, keep)):
         ctx.seq_rm(slot.seq_id, -1)
         keep = 0
     del slot.cached[keep:]
@@ -213,3 +230,62 @@ def park_idle(slots: list[Slot], ctx: LlamaContext, cap: int) -> None:
         total -= len(slot.cached)
         slot.parked = None
         slot.cached.clear()
+
+
+def lay_out(
+    slots: list[Slot],
+    slot: Slot,
+    ctx: LlamaContext,
+    prompt: list[int],
+    shared: int,
+    cap: int,
+    *,
+    alone: bool,
+) -> None:
+    """Before `slot` is claimed for `prompt` (`shared` tokens of it cached there): if nothing
+    else runs (`alone`), every other idle slot is parked now rather than before the step, the
+    cells `slot` keeps are copied out unless they already lie from cell 0 on, and the cache is
+    emptied, so that `claim` puts them back from cell 0 and the request's tokens follow in
+    order: the layout of a fresh context, so the same request gives the same logits whatever
+    ran before it. Beside other requests no layout is kept: every slot loses `alone`."""
+    if not alone:
+        for s in slots:
+            s.alone = False
+        return
+    others = [s for s in slots if s is not slot]
+    if (
+        slot.alone
+        and slot.cached
+        and slot.parked is None
+        and not any(s.cached and s.parked is None for s in others)
+    ):
+        return  # it ran alone last and nothing came in since: its cells are in place
+    if slot.cached and slot.parked is None:
+        # Cut to what the request keeps first: less to copy, and a sliding window's saved
+        # cells (the last window's, see claim) are then the ones its next token needs.
+        keep = _keep(prompt, shared)
+        if keep < len(slot.cached) and ctx.seq_rm(slot.seq_id, keep):
+            del slot.cached[keep:]
+        if slot.cached:  # claim restores it: not counted against the cap
+            slot.parked = ctx.seq_save(slot.seq_id)
+    park_idle(others, ctx, cap)
+    ctx.clear(data=False)  # also takes the cache's next cell back to 0
+    slot.alone = True
+
+
+def draft_plan(
+    decoding: list[Slot], draft_max: int, n_ctx_seq: int, costs: StepCosts | None
+) -> list[tuple[list[int], int]]:
+    """Each decoding slot's guesses at its next tokens and how many to check as drafts (none
+    without measured `costs`: a step with prefill costs what the prefill costs)."""
+    if not draft_max:
+        return [([], 0)] * len(decoding)
+    sequences = []
+    for slot in decoding:
+        run = slot.run
+        assert run is not None
+        # The step's own token comes first; drafts must fit max_tokens and the context.
+        room = min(draft_max, run.gen.max_tokens - run.generated - 1)
+        room = min(room, n_ctx_seq - len(slot.cached) - 1)
+        sequences.append((run.lookup, run.acceptance, room))
+    return propose(costs, sequences)
