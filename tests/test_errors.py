@@ -70,6 +70,7 @@ def test_envelope_has_the_openai_shape() -> None:
             "type": "invalid_request_error",
             "param": "temperature",
             "code": "invalid_value",
+            "status": 400,  # the Rax shape; OpenAI clients ignore it
         }
     }
 

@@ -187,3 +187,24 @@ def test_settings_are_frozen() -> None:
 def test_every_field_has_a_description() -> None:
     for name, field in Settings.model_fields.items():
         assert field.description, name
+
+
+@pytest.mark.usefixtures("clean_settings_env")
+def test_the_owner_key_comes_from_a_systemd_credential(
+    tmp_path: Path, monkeypatch: pytest.MonkeyPatch
+) -> None:
+    (tmp_path / "owner_key").write_text("from-the-credential-0123\n")
+    monkeypatch.setenv("CREDENTIALS_DIRECTORY", str(tmp_path))
+    settings = load_settings({})
+    assert settings.owner_key is not None
+    assert settings.owner_key.get_secret_value() == "from-the-credential-0123"
+    assert "from-the-credential" not in repr(settings)  # a secret in logs or tracebacks: no
+    monkeypatch.setenv("THOXD_OWNER_KEY", "from-the-environment-0123")  # the environment wins
+    assert load_settings({}).owner_key.get_secret_value() == "from-the-environment-0123"  # type: ignore[union-attr]
+
+
+@pytest.mark.usefixtures("clean_settings_env")
+def test_a_short_owner_key_is_refused(monkeypatch: pytest.MonkeyPatch) -> None:
+    monkeypatch.setenv("THOXD_OWNER_KEY", "short")
+    with pytest.raises(ValidationError):
+        load_settings({})

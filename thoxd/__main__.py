@@ -15,6 +15,7 @@ from typing import Any, Literal, get_args, get_origin
 from pydantic import ValidationError
 
 from thoxd import __version__
+from thoxd.access.cli import add_access_parsers, run_keys, run_usage
 from thoxd.api import mcp_stdio
 from thoxd.catalog.cli import add_models_parser, run_models
 from thoxd.catalog.entries import Catalog, CatalogError
@@ -22,7 +23,10 @@ from thoxd.catalog.files import remove_stale_partials
 from thoxd.errors import ModelNotFound
 from thoxd.settings import Settings, load_settings, settings_error
 
-COMMANDS = ("serve", "models", "mcp-stdio")
+COMMANDS = ("serve", "models", "keys", "usage", "mcp-stdio")
+# Settings that are no flag: a secret on the command line is readable by every local user
+# (/proc/PID/cmdline) and lands in shell history. The environment or the TOML file set it.
+NOT_FLAGS = frozenset({"owner_key"})
 
 
 def _flag(name: str) -> str:
@@ -54,12 +58,15 @@ def build_parser() -> argparse.ArgumentParser:
         help="TOML settings file (default: /etc/thoxd/thoxd.toml when present)",
     )
     for name, field in Settings.model_fields.items():
+        if name in NOT_FLAGS:
+            continue
         annotation = field.annotation
         kwargs: dict[str, Any] = {"help": field.description, "default": argparse.SUPPRESS}
         if get_origin(annotation) is Literal:
             kwargs["choices"] = get_args(annotation)
         serve.add_argument(_flag(name), dest=name, metavar=name.upper(), **kwargs)
     add_models_parser(commands)
+    add_access_parsers(commands)
     mcp_stdio.add_parser(commands)
     return parser
 
@@ -72,6 +79,10 @@ def main(argv: Sequence[str] | None = None) -> int:
     args = build_parser().parse_args(args_in)
     if args.command == "models":
         return run_models(args)
+    if args.command == "keys":
+        return run_keys(args)
+    if args.command == "usage":
+        return run_usage(args)
     if args.command == "mcp-stdio":
         return mcp_stdio.run(args)
     overrides = {k: v for k, v in vars(args).items() if k in Settings.model_fields}

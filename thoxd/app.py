@@ -14,7 +14,9 @@ from starlette.middleware import Middleware
 from starlette.requests import Request
 from starlette.responses import JSONResponse, Response
 
+from thoxd.access import AccessDb, KeyStore, Limiter, UsageLedger
 from thoxd.api.conversations import ResponseStore
+from thoxd.api.keys import KeyRoutes
 from thoxd.api.mcp import McpRoutes
 from thoxd.api.metrics import Metrics, MetricsMiddleware
 from thoxd.api.models import ModelRoutes
@@ -22,12 +24,14 @@ from thoxd.api.openai import OpenAIRoutes
 from thoxd.api.request_ids import RequestIdMiddleware, response_id
 from thoxd.api.responses import ResponsesRoutes
 from thoxd.api.system import SystemRoutes
+from thoxd.api.usage import UsageRoutes
 from thoxd.api.websocket import StreamRoutes
 from thoxd.catalog.entries import Catalog, CatalogError
 from thoxd.device.discovery import Discovery
 from thoxd.device.info import SystemSampler
-from thoxd.engine import Engine, EngineConfig, budget_bytes
+from thoxd.engine import Engine, EngineConfig, Finished, Generation, budget_bytes
 from thoxd.errors import InvalidRequest, NotFound, ThoxdError
+from thoxd.guards.access import Access, AccessGuard
 from thoxd.guards.body_limit import BodyLimitMiddleware
 from thoxd.guards.cross_site import CrossSiteGuard
 from thoxd.guards.framing import FramingGuard
@@ -77,6 +81,7 @@ def engine_config(settings: Settings) -> EngineConfig:
         draft_max=settings.draft_max,
         memory_budget=budget_bytes(settings.memory_budget, psutil.virtual_memory().available),
         keep_alive=settings.keep_alive,
+        client_cap=settings.max_slots_per_client,
     )
 
 
@@ -94,7 +99,21 @@ def create_app(
     discovery = discovery or Discovery(settings)
     shutdown = shutdown or Shutdown()  # thoxd.server drives it on SIGTERM
     metrics = Metrics(engine)
-    engine.on_finished = metrics.observe_finished  # tokens and latencies, counted in one place
+    # Keys and usage: one SQLite file in the state directory (thoxd/access/).
+    database = AccessDb.in_state_dir(settings.state_dir)
+    database.create()
+    ledger = UsageLedger(database)
+    access = Access(settings, KeyStore(database), ledger, Limiter(ledger))
+
+    def finished(model: str, gen: Generation, done: Finished) -> None:
+        # Tokens and latencies, counted in one place, on the engine thread. A choice of n > 1
+        # shares its prompt with the first: the prompt counts once, the request once.
+        metrics.observe_finished(model, done)
+        fork = gen.fork_of is not None
+        prompt = 0 if fork else done.prompt_tokens
+        ledger.record(gen.client, model, prompt, done.completion_tokens, 0 if fork else 1)
+
+    engine.on_finished = finished
     sampler = SystemSampler(settings.resolved_models_dir)
     hosts = HostNames(
         default_names(settings.hostname, settings.allowed_hosts),
@@ -107,6 +126,7 @@ def create_app(
     async def lifespan(app: Starlette) -> AsyncIterator[None]:
         # Load in the background: the socket binds at once and /health says "loading".
         engine.start()  # the keep_alive clock
+        ledger.start()  # writes usage once a second
         loading = asyncio.create_task(_load_at_start(engine, settings.default_model))
         sampler.start()  # /system/info reads its snapshots
         # mDNS probes and registers in its own task: `discovery.wait_ready()` says when.
@@ -119,18 +139,21 @@ def create_app(
             await discovery.stop()  # goodbyes first, so clients stop coming
             await engine.close()
             sampler.stop()
+            await asyncio.to_thread(ledger.close)  # the last second's usage
 
     system = SystemRoutes(
         engine, settings.default_model, sampler=sampler, metrics=metrics, identity=discovery
     )
     routes = [
-        *OpenAIRoutes(engine, shutdown).routes(),
+        *OpenAIRoutes(engine, shutdown, ledger).routes(),
         # Stored responses for previous_response_id: in memory, bounded (api/conversations.py).
         *ResponsesRoutes(engine, ResponseStore(), shutdown).routes(),
         *ModelRoutes(engine).routes(),
         *system.routes(),
-        *StreamRoutes(engine, settings, shutdown).routes(),
+        *StreamRoutes(engine, settings, shutdown, access).routes(),
         *mcp.routes(),
+        *KeyRoutes(engine, access).routes(),
+        *UsageRoutes(access).routes(),
     ]
     app = Starlette(
         routes=routes,
@@ -143,6 +166,8 @@ def create_app(
             Middleware(LanGuard, hosts=hosts, allow_public_clients=settings.allow_public_clients),
             Middleware(MetricsMiddleware, metrics=metrics, routes=routes),
             *cors_middleware(settings.allowed_origins),  # answers preflights itself
+            # Keys and rate limits, once keys are on; who is asking, for everyone after it.
+            Middleware(AccessGuard, access=access),
             Middleware(BodyTimeoutMiddleware, seconds=settings.body_timeout_seconds),
             Middleware(BodyLimitMiddleware, max_body_bytes=settings.max_body_bytes),
             # After CORS, so an allowed page can read its 415; after the size check, so a
@@ -163,6 +188,7 @@ def create_app(
     app.state.metrics = metrics
     app.state.sampler = sampler
     app.state.settings = settings
+    app.state.access = access
     return app
 
 

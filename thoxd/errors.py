@@ -11,12 +11,14 @@
     ├── NotFound                    404 not_found
     │   ├── ModelNotFound           404 model_not_found
     │   └── ResponseNotFound        404 response_not_found      (GET /v1/responses/{id})
-    ├── Forbidden                   403 forbidden
+    ├── InvalidApiKey               401 invalid_api_key         (keys on: missing, wrong, revoked)
+    ├── Forbidden                   403 forbidden               (a client key on an owner route)
     │   ├── HostNotAllowed          403 host_not_allowed        (DNS rebinding)
     │   ├── ClientNotAllowed        403 client_not_allowed      (not a LAN address)
     │   └── OriginNotAllowed        403 origin_not_allowed      (a cross-site browser request)
     ├── RequestTimeout              408 request_timeout         (slow client)
     ├── ModelBusy                   409 model_busy              (unload while serving)
+    ├── RateLimitExceeded           429 rate_limit_exceeded     (with Retry-After)
     ├── PayloadTooLarge             413 payload_too_large
     ├── UnsupportedMediaType        415 unsupported_media_type  (a body that is not JSON)
     ├── ModelFileRejected           422 model_file_rejected     (GGUF gate, sha256, missing)
@@ -28,6 +30,7 @@
     │   └── TooManyConnections      503 too_many_connections    (max_connections reached)
     └── EngineFailure               500 engine_error
 
+Every envelope carries the HTTP `status` too (the Rax docs' shape, which OpenAI clients ignore).
 Messages are written for the person reading them: they never carry absolute paths, tracebacks,
 exception text from libraries, or key material. HTTP handlers and the WebSocket endpoint both call
 `envelope()`, so an error has the same shape wherever it surfaces.
@@ -60,6 +63,7 @@ class ThoxdError(Exception):
                 "type": self.type,
                 "param": self.param,
                 "code": self.code,
+                "status": self.status,
                 **self.extra,
             }
         }
@@ -157,6 +161,16 @@ def _shown(name: str) -> str:
     return name if len(name) <= 64 else name[:64] + "..."
 
 
+class InvalidApiKey(ThoxdError):
+    status = 401
+    type = "invalid_request_error"
+    code = "invalid_api_key"
+
+    @property
+    def headers(self) -> dict[str, str]:
+        return {"WWW-Authenticate": 'Bearer realm="thoxd"'}
+
+
 class Forbidden(ThoxdError):
     status = 403
     type = "invalid_request_error"
@@ -189,6 +203,31 @@ class ModelBusy(ThoxdError):
     status = 409
     type = "invalid_request_error"
     code = "model_busy"
+
+
+class RateLimitExceeded(ThoxdError):
+    """`type` says which limit: "requests" (per minute, burst) or "tokens" (per day), as
+    OpenAI's own 429s do. `limit_headers` are the X-RateLimit-* of the refusal."""
+
+    status = 429
+    code = "rate_limit_exceeded"
+
+    def __init__(
+        self, message: str, *, kind: str, retry_after: int, limit_headers: dict[str, str]
+    ) -> None:
+        super().__init__(message, retry_after=retry_after)  # in the body too: a WebSocket has
+        self.kind = kind  # no headers per message
+        self.retry_after = retry_after
+        self.limit_headers = limit_headers
+
+    @property
+    def headers(self) -> dict[str, str]:
+        return {**self.limit_headers, "Retry-After": str(self.retry_after)}
+
+    def envelope(self) -> dict[str, Any]:
+        envelope = super().envelope()
+        envelope["error"]["type"] = self.kind
+        return envelope
 
 
 class ModelFileRejected(ThoxdError):

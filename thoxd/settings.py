@@ -1,8 +1,9 @@
 """All of thoxd's settings, declared once, read once (in `__main__`) and passed down.
 
-Precedence: CLI flag > THOXD_* environment > TOML file (`--config`, or /etc/thoxd/thoxd.toml when
-present) > the defaults below. Every field carries a description (it becomes the `--help` text)
-and bounds (a bad value is refused before anything starts).
+Precedence: CLI flag > THOXD_* environment > a systemd credential (owner_key only) > TOML file
+(`--config`, or /etc/thoxd/thoxd.toml when present) > the defaults below. Every field carries a
+description (it becomes the `--help` text) and bounds (a bad value is refused before anything
+starts).
 """
 
 from __future__ import annotations
@@ -12,7 +13,7 @@ from collections.abc import Mapping
 from pathlib import Path
 from typing import Annotated, Any, Literal
 
-from pydantic import AfterValidator, BeforeValidator, Field, ValidationError
+from pydantic import AfterValidator, BeforeValidator, Field, SecretStr, ValidationError
 from pydantic_settings import (
     BaseSettings,
     NoDecode,
@@ -178,6 +179,38 @@ class Settings(BaseSettings):
     log_level: Literal["debug", "info", "warning", "error"] = Field(
         "info", description="Log verbosity."
     )
+    # -- access: thoxd/access/, thoxd/guards/access.py --
+    owner_key: SecretStr | None = Field(
+        None,
+        min_length=16,
+        max_length=256,
+        description="Turns keys on: every API request then needs a key (Authorization: Bearer, "
+        "or X-Api-Key), and this one is the owner's (it manages keys, bypasses limits). Set it "
+        "in the environment (THOXD_OWNER_KEY, a systemd EnvironmentFile) or the TOML file, "
+        "never on the command line. Unset: no keys, as a local device needs none.",
+    )
+    client_rate_limit: int = Field(
+        0,
+        ge=0,
+        le=1_000_000,
+        description="With keys off: requests per minute each client address may make (guests; "
+        "0, the default, is no limit, so IDE autocompletion on a private box is not throttled).",
+    )
+    client_rate_burst: int = Field(
+        10,
+        ge=1,
+        le=1_000_000,
+        description="With client_rate_limit: requests a guest may "
+        "send at once before the per-minute rate applies.",
+    )
+    max_slots_per_client: int = Field(
+        0,
+        ge=0,
+        le=64,
+        description="Fair share: most slots of a model one client (a key, or an address with "
+        "keys off) may hold while others wait; 0 is no cap (waiting requests still take turns "
+        "between clients).",
+    )
     # -- discovery (mDNS): thoxd/device/discovery.py --
     hostname: str = Field(
         "thox",
@@ -225,7 +258,23 @@ class Settings(BaseSettings):
         dotenv_settings: PydanticBaseSettingsSource,
         file_secret_settings: PydanticBaseSettingsSource,
     ) -> tuple[PydanticBaseSettingsSource, ...]:
-        return init_settings, env_settings, TomlConfigSettingsSource(settings_cls)
+        credentials = _Credentials(settings_cls)
+        return init_settings, env_settings, credentials, TomlConfigSettingsSource(settings_cls)
+
+
+class _Credentials(PydanticBaseSettingsSource):
+    """systemd credentials: `LoadCredential=owner_key:FILE` puts the owner key in
+    $CREDENTIALS_DIRECTORY/owner_key, readable by this service only."""
+
+    def get_field_value(self, field: Any, field_name: str) -> tuple[Any, str, bool]:
+        return None, field_name, False
+
+    def __call__(self) -> dict[str, Any]:
+        directory = os.environ.get("CREDENTIALS_DIRECTORY")
+        path = Path(directory) / "owner_key" if directory else None
+        if path is None or not path.is_file():
+            return {}
+        return {"owner_key": path.read_text().strip()}
 
 
 def settings_error(exc: Exception) -> str:

@@ -5,6 +5,7 @@ from __future__ import annotations
 
 import asyncio
 from pathlib import Path
+from types import SimpleNamespace
 
 import httpx
 from prometheus_client import REGISTRY
@@ -101,20 +102,28 @@ def test_tokens_and_latencies_from_the_engine_hook(tmp_path: Path, catalog: Cata
     timings = Timings(cache_n=2, prompt_n=8, prompt_ms=50.0, predicted_n=4, predicted_ms=40.0)
     timings.queue_ms = 10.0
     timings.draft_n, timings.draft_n_accepted = 6, 2
-    app.state.engine.on_finished(MODEL, Finished("length", 10, 4, timings))
-    app.state.engine.on_finished(MODEL, Finished("cancelled", 5, 0, Timings()))
+    # Generations stand-ins: the hook reads who asked and whether a choice is a fork.
+    asked = SimpleNamespace(client="ip:10.0.0.7", fork_of=None)
+    fork = SimpleNamespace(client="ip:10.0.0.7", fork_of=asked)
+    app.state.engine.on_finished(MODEL, asked, Finished("length", 10, 4, timings))
+    app.state.engine.on_finished(MODEL, asked, Finished("cancelled", 5, 0, Timings()))
+    app.state.engine.on_finished(MODEL, fork, Finished("stop", 10, 3, Timings()))
     samples = scrape(app)
-    assert value(samples, "thoxd_prompt_tokens_total", model=MODEL) == 15
+    assert value(samples, "thoxd_prompt_tokens_total", model=MODEL) == 25
     assert value(samples, "thoxd_prompt_cached_tokens_total", model=MODEL) == 2
-    assert value(samples, "thoxd_generated_tokens_total", model=MODEL) == 4
+    assert value(samples, "thoxd_generated_tokens_total", model=MODEL) == 7
     assert value(samples, "thoxd_draft_tokens_total", model=MODEL) == 6
     assert value(samples, "thoxd_draft_accepted_tokens_total", model=MODEL) == 2
     assert value(samples, "thoxd_generations_total", model=MODEL, finish_reason="length") == 1
     assert value(samples, "thoxd_generations_total", model=MODEL, finish_reason="cancelled") == 1
-    # A request cancelled before its first token has no time to first token.
-    assert value(samples, "thoxd_time_to_first_token_seconds_count", model=MODEL) == 1
+    # A request cancelled before its first token has no time to first token (the fork has one).
+    assert value(samples, "thoxd_time_to_first_token_seconds_count", model=MODEL) == 2
     assert abs(value(samples, "thoxd_time_to_first_token_seconds_sum", model=MODEL) - 0.06) < 1e-9
     assert abs(value(samples, "thoxd_time_per_output_token_seconds_sum", model=MODEL) - 0.01) < 1e-9
+    # The same hook feeds the usage ledger: cancelled tokens count, a fork's prompt does not.
+    usage = asyncio.run(request(app, "GET", "/v1/usage")).json()
+    assert (usage["total_tokens"], usage["total_requests"]) == (10 + 4 + 5 + 3, 2)
+    assert usage["by_key"]["ip:10.0.0.7"]["breakdown"] == {MODEL: {"tokens": 22, "requests": 2}}
 
 
 def test_each_app_has_its_own_registry(tmp_path: Path, catalog: Catalog) -> None:

@@ -35,7 +35,7 @@ LONG = {**COUNTING, "max_tokens": 3000}
 
 DELTA_KEYS = {"type", "id", "model", "choices"}
 DONE_KEYS = {"type", "id", "model", "finish_reason", "usage", "timings"}
-ERROR_KEYS = {"message", "type", "param", "code"}
+ERROR_KEYS = {"message", "type", "param", "code", "status"}
 
 
 def ws_url(daemon: Daemon) -> str:

@@ -187,9 +187,12 @@ def test_settings_fields() -> None:
 # -- on the wire (loopback) --------------------------------------------------------------------
 
 
-def test_browser_finds_both_services_and_resolves_the_host(tmp_path: Path) -> None:
+@pytest.mark.parametrize(("owner_key", "auth"), [(None, "none"), ("an-owner-key-0123456", "key")])
+def test_browser_finds_both_services_and_resolves_the_host(
+    tmp_path: Path, owner_key: str | None, auth: str
+) -> None:
     name = unique_name()
-    settings = loopback_settings(tmp_path, 18080, name)
+    settings = loopback_settings(tmp_path, 18080, name, owner_key=owner_key)
 
     async def scenario() -> None:
         async with loopback_browser() as browser, running(settings) as discovery:
@@ -207,6 +210,7 @@ def test_browser_finds_both_services_and_resolves_the_host(tmp_path: Path) -> No
                 assert entries[0] == ("txtvers", "1")
                 assert [k for k, _ in entries] == ["txtvers", "path", "api", "ws", "auth", "id"]
                 assert dict(entries)["id"] == discovery.install_id
+                assert dict(entries)["auth"] == auth  # a client knows to bring a key
                 assert len(info.text) <= 200
             assert await browser.resolve_host(f"{name}.local.") == ["127.0.0.1"]
 

@@ -67,3 +67,33 @@ def test_one_request_is_one_entry_and_cancelled_ones_leave() -> None:
         assert queue.waiting() == 0
 
     in_loop(test)
+
+
+def test_a_capped_client_leaves_slots_free_while_others_are_served() -> None:
+    def test() -> None:
+        queue = WaitQueue(size=32, cap=2)
+        flood = [gen("A", i) for i in range(6)]
+        for g in flood:
+            queue.add([g], idle_slots=0)
+        # B is being served: A takes up to its cap, and the other free slots stay free.
+        assert queue.take(4, {"B": 1}) == flood[:2]
+        assert queue.take(2, {"A": 2, "B": 1}) == []
+        # A newcomer finds them free at once.
+        c = gen("C")
+        queue.add([c], idle_slots=2)
+        assert queue.take(2, {"A": 2, "B": 1}) == [c]
+        # Alone on the model, A may use every slot.
+        assert queue.take(3, {"A": 2}) == flood[2:5]
+
+    in_loop(test)
+
+
+def test_without_a_cap_a_lone_flood_fills_every_slot() -> None:
+    def test() -> None:
+        queue = WaitQueue(size=32)
+        flood = [gen("A", i) for i in range(6)]
+        for g in flood:
+            queue.add([g], idle_slots=0)
+        assert queue.take(4, {"B": 1}) == flood[:4]
+
+    in_loop(test)

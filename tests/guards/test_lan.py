@@ -126,7 +126,7 @@ def get(app: object, path: str = "/v1/models", **kwargs: object) -> httpx.Respon
 def assert_forbidden(response: httpx.Response, code: str) -> None:
     assert response.status_code == 403
     error = response.json()["error"]
-    assert set(error) == {"message", "type", "param", "code"}
+    assert set(error) == {"message", "type", "param", "code", "status"}
     assert error["code"] == code
 
 
@@ -149,7 +149,7 @@ def test_malformed_host_is_400(tmp_path: Path, catalog: Catalog, host: str) -> N
     assert response.request.headers["host"] == host
     assert response.status_code == 400
     error = response.json()["error"]
-    assert set(error) == {"message", "type", "param", "code"}
+    assert set(error) == {"message", "type", "param", "code", "status"}
     assert error["code"] == "invalid_host"
 
 

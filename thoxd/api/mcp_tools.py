@@ -23,10 +23,12 @@ from mcp.server.mcpserver.exceptions import ToolError
 from pydantic import BaseModel, Field
 from starlette.requests import HTTPConnection
 
+from thoxd.access import Caller
 from thoxd.api.schemas import ChatRequest, CompletionRequest, parse
-from thoxd.api.start import Started, client_of, start_chat, start_completion
+from thoxd.api.start import Started, permit, start_chat, start_completion
 from thoxd.engine import Delta, Engine, Failed, Finished
 from thoxd.errors import ThoxdError, Unavailable
+from thoxd.guards.access import caller_of
 from thoxd.guards.shutdown import Shutdown
 
 Text = Annotated[str, Field(max_length=200_000)]
@@ -129,6 +131,10 @@ class ThoxTools:
         if not before and not suffix:
             raise ToolError("Give the code before the cursor as 'code' (or 'prefix').")
         name = model or self.default_model
+        try:
+            permit(self.engine, _caller(ctx), name)  # before the model is loaded for them
+        except ThoxdError as exc:
+            raise ToolError(_shown(exc)) from None
         async with self.engine.use(name) as loaded:
             fim = loaded.llama.fim is not None and bool(suffix)
         header = "".join(
@@ -144,7 +150,7 @@ class ThoxTools:
             body["stop"] = ["\n\n\n"]
         request = parse(CompletionRequest, body)
         text, reason = await self._run(
-            ctx, lambda client: start_completion(self.engine, request, client), body["max_tokens"]
+            ctx, lambda caller: start_completion(self.engine, request, caller), body["max_tokens"]
         )
         return Completion(completion=text, model=name, fill_in_the_middle=fim, finish_reason=reason)
 
@@ -246,18 +252,17 @@ class ThoxTools:
             body["response_format"] = response_format
         request = parse(ChatRequest, body)
         text, reason = await self._run(
-            ctx, lambda client: start_chat(self.engine, request, client), max_tokens
+            ctx, lambda caller: start_chat(self.engine, request, caller), max_tokens
         )
         return text, reason, name
 
     async def _run(
-        self, ctx: Context, start: Callable[[str], Awaitable[Started]], max_tokens: int
+        self, ctx: Context, start: Callable[[Caller | None], Awaitable[Started]], max_tokens: int
     ) -> tuple[str, str]:
         """Generate, reporting progress; a ThoxdError becomes a tool error the IDE shows.
         `start` is given the client (the HTTP request's), for the queue's fair share."""
-        request = ctx.request_context.request
         try:
-            started = await start(client_of(request) if isinstance(request, HTTPConnection) else "")
+            started = await start(_caller(ctx))
         except ThoxdError as exc:
             raise ToolError(_shown(exc)) from None
         forget = self.shutdown.at_end(started.cancel)
@@ -299,3 +304,9 @@ def _code(text: str) -> str:
 def _default_framework(language: str | None) -> str:
     frameworks = {"javascript": "jest", "typescript": "jest", "go": "go test", "rust": "cargo test"}
     return frameworks.get((language or "python").lower(), "pytest")
+
+
+def _caller(ctx: Context) -> Caller | None:
+    """Who called the tool: the HTTP request's caller (none over a transport without one)."""
+    request = ctx.request_context.request
+    return caller_of(request) if isinstance(request, HTTPConnection) else None

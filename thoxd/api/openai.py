@@ -16,6 +16,7 @@ from starlette.requests import Request
 from starlette.responses import JSONResponse, Response, StreamingResponse
 from starlette.routing import Route
 
+from thoxd.access import UsageLedger
 from thoxd.api.schemas import (
     ChatRequest,
     CompletionRequest,
@@ -25,17 +26,21 @@ from thoxd.api.schemas import (
 )
 from thoxd.api.serving import SSE_HEADERS, merged_events, sse_data, unless_gone
 from thoxd.api.shapes import Choice, Envelope
-from thoxd.api.start import Started, client_of, split_prompts, start_chat, start_completion
+from thoxd.api.start import Started, permit, split_prompts, start_chat, start_completion
 from thoxd.api.toolcalls import Output
 from thoxd.engine import Delta, Embedding, Engine, Failed, Finished, TokenLogprob
 from thoxd.errors import UnsupportedParameter
+from thoxd.guards.access import caller_of
 from thoxd.guards.shutdown import Shutdown, shutting_down
 
 
 class OpenAIRoutes:
-    def __init__(self, engine: Engine, shutdown: Shutdown | None = None) -> None:
+    def __init__(
+        self, engine: Engine, shutdown: Shutdown | None = None, ledger: UsageLedger | None = None
+    ) -> None:
         self.engine = engine
         self.shutdown = shutdown or Shutdown()
+        self.ledger = ledger  # counts embeddings (generations are counted by the engine hook)
 
     def routes(self) -> list[Route]:
         return [
@@ -48,12 +53,12 @@ class OpenAIRoutes:
 
     async def chat(self, request: Request) -> Response:
         body = parse(ChatRequest, await request.body())
-        started = await start_chat(self.engine, body, client_of(request))
+        started = await start_chat(self.engine, body, caller_of(request))
         return await self._respond(request, body, started, Envelope("chat", body.model, body.n))
 
     async def completions(self, request: Request) -> Response:
         body = parse(CompletionRequest, await request.body())
-        started = await start_completion(self.engine, body, client_of(request))
+        started = await start_completion(self.engine, body, caller_of(request))
         return await self._respond(request, body, started, Envelope("text", body.model, body.n))
 
     async def _respond(
@@ -160,6 +165,8 @@ class OpenAIRoutes:
     async def embeddings(self, request: Request) -> Response:
         body = parse(EmbeddingRequest, await request.body())
         items = split_prompts(body.input)  # at most 2048 (schemas.py), embedded one by one
+        caller = caller_of(request)
+        permit(self.engine, caller, body.model)
         async with self.engine.use(body.model, body.keep_alive) as model:
             if body.dimensions not in (None, size := model.llama.n_embd):
                 raise UnsupportedParameter(
@@ -173,7 +180,12 @@ class OpenAIRoutes:
             ]
             job = model.embed(inputs)  # holds the model until it ends
         answer = await unless_gone(request, self._embedded(job, body), job.cancel, self.shutdown)
-        return Response(status_code=499) if answer is None else JSONResponse(answer)
+        if answer is None:
+            return Response(status_code=499)
+        if self.ledger is not None:
+            tokens = answer["usage"]["prompt_tokens"]
+            self.ledger.record(caller.id, model.spec.id, tokens, 0, 1)
+        return JSONResponse(answer)
 
     async def _embedded(self, job: Embedding, body: EmbeddingRequest) -> dict[str, Any]:
         try:

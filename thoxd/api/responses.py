@@ -25,7 +25,7 @@ from thoxd.api.responses_request import ResponsesRequest, renamed_params
 from thoxd.api.responses_shapes import Draft, Event, OutputItems, status_of
 from thoxd.api.schemas import parse
 from thoxd.api.serving import SSE_HEADERS, merged_events, sse_event, unless_gone
-from thoxd.api.start import Started, client_of, start_chat
+from thoxd.api.start import Started, start_chat
 from thoxd.engine import Delta, Engine, Failed, Finished
 from thoxd.errors import (
     InvalidRequest,
@@ -33,6 +33,7 @@ from thoxd.errors import (
     ResponseNotFound,
     UnsupportedParameter,
 )
+from thoxd.guards.access import caller_of
 from thoxd.guards.shutdown import Shutdown, shutting_down
 
 
@@ -75,7 +76,7 @@ class ResponsesRoutes:
         inputs = [*earlier, *normal_items(body.input or [], earlier)]
         chat = body.chat_request(chat_messages(inputs))
         with renamed_params():
-            started = await start_chat(self.engine, chat, client_of(request))
+            started = await start_chat(self.engine, chat, caller_of(request))
         settings = body.settings(started.model.spec.defaults)
         run = _Run(body, started, inputs, Draft(body.model, settings), OutputItems())
         request.state.response_id = run.draft.id  # the x-request-id header

@@ -10,13 +10,12 @@ from __future__ import annotations
 import asyncio
 from dataclasses import dataclass, replace
 
-from starlette.requests import HTTPConnection
-
+from thoxd.access import Caller
 from thoxd.api.schemas import ChatRequest, CompletionRequest, GenerationBody
 from thoxd.api.toolcalls import Output, PlainOutput
 from thoxd.api.tools import ChatPlan, plan_chat, response_grammar
 from thoxd.engine import Delta, Engine, Generation, GrammarSpec, LoadedModel, SamplingParams
-from thoxd.errors import InvalidRequest, UnsupportedParameter
+from thoxd.errors import Forbidden, InvalidRequest, UnsupportedParameter
 
 
 @dataclass
@@ -38,15 +37,19 @@ class Started:
         return [self.plan.output() if self.plan else PlainOutput() for _ in self.generations]
 
 
-def client_of(connection: HTTPConnection) -> str:
-    """Who a request comes from, as the queue's fair share counts clients: its address (keys,
-    once they exist, will name clients better)."""
-    return connection.client.host if connection.client else ""
+def permit(engine: Engine, caller: Caller | None, name: str) -> None:
+    """Refuse a model the caller's key does not open (before it is loaded for them)."""
+    if caller is None or caller.models is None:
+        return
+    if not caller.may_use(engine.catalog.get(name).id):
+        shown = name if len(name) <= 64 else name[:64] + "..."
+        raise Forbidden(f"This key may not use the model '{shown}'.", param="model")
 
 
-async def start_chat(engine: Engine, body: ChatRequest, client: str = "") -> Started:
-    """`client`: who asks (an address, or later a key), for the queue's fair share."""
+async def start_chat(engine: Engine, body: ChatRequest, caller: Caller | None = None) -> Started:
+    """`caller`: who asks (thoxd/guards/access.py): its models, and the queue's fair share."""
     body.check_supported()
+    permit(engine, caller, body.model)
     # Held from lookup to submit, so the model cannot be evicted in between; after that its
     # generations hold it until they end.
     async with engine.use(body.model, body.keep_alive) as model:
@@ -55,13 +58,16 @@ async def start_chat(engine: Engine, body: ChatRequest, client: str = "") -> Sta
         tokens = await model.tokenize(text, add_special=False)
         if plan.grammar is not None:
             await asyncio.to_thread(model.check_grammar, plan.grammar)
-        started = _submit(model, body, [tokens], "messages", client, grammar=plan.grammar)
+        started = _submit(model, body, [tokens], "messages", caller, grammar=plan.grammar)
         started.plan = plan
         return started
 
 
-async def start_completion(engine: Engine, body: CompletionRequest, client: str = "") -> Started:
+async def start_completion(
+    engine: Engine, body: CompletionRequest, caller: Caller | None = None
+) -> Started:
     body.check_supported()
+    permit(engine, caller, body.model)
     grammar = response_grammar(body)
     async with engine.use(body.model, body.keep_alive) as model:
         if grammar is not None:
@@ -91,7 +97,7 @@ async def start_completion(engine: Engine, body: CompletionRequest, client: str 
                 echoes.append(prompt if isinstance(prompt, str) else model.llama.detokenize(tokens))
             prompts.append(tokens if suffix is None else infill(model, tokens, suffix))
         return _submit(
-            model, body, prompts, "prompt", client, echoes if body.echo else None, grammar
+            model, body, prompts, "prompt", caller, echoes if body.echo else None, grammar
         )
 
 
@@ -138,7 +144,7 @@ def _submit(
     body: GenerationBody,
     prompts: list[list[int]],
     param: str,
-    client: str,
+    caller: Caller | None,
     echoes: list[str] | None = None,
     grammar: GrammarSpec | None = None,
 ) -> Started:
@@ -174,7 +180,7 @@ def _submit(
                 grammar=grammar,
                 logprobs=body.logprobs_wanted,
                 fork_of=leader,
-                client=client,
+                client=caller.id if caller is not None else "",
             )
             leader = leader or gen
             if echoes is not None and echoes[i]:

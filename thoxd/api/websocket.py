@@ -7,6 +7,9 @@ Client to server, one JSON object per text message:
                                             optional "type": "request" (the default)
     {"type": "cancel", "id": "..."}         stop that request: its `done` says "cancelled"
     {"type": "ping"}                        answered with {"type": "pong"}
+    {"type": "auth", "key": "..."}          with keys on, the first message when the handshake
+                                            carried no key (browsers): answered {"type":
+                                            "authenticated"}, or an error and close 1008
 
 Server to client:
 
@@ -29,6 +32,11 @@ and the connection closes with 1001 (going away); new requests meanwhile get tha
 A handshake whose `Origin` is neither the device itself (the host the browser reached us by, or
 loopback on both sides) nor in `allowed_origins` is refused (403), so a web page elsewhere cannot
 drive the box through a visitor's browser. Clients that send no `Origin` (SDKs, scripts) connect.
+
+With keys on (thoxd/guards/access.py), the handshake carries the key (Authorization, X-Api-Key,
+or the subprotocol `thox.key.KEY` offered with `thox.v1`, which is selected), or the first
+message does. Each request message counts against the key's rate limits: over them, that request
+gets a `rate_limit_exceeded` error event (with `retry_after`, in seconds).
 """
 
 from __future__ import annotations
@@ -43,12 +51,14 @@ from typing import Any
 from starlette.routing import BaseRoute, WebSocketRoute
 from starlette.websockets import WebSocket, WebSocketDisconnect, WebSocketDisconnected
 
+from thoxd.access import Caller
 from thoxd.api.schemas import ChatRequest, CompletionRequest, parse
 from thoxd.api.shapes import Choice, chat_logprobs, new_id, usage
-from thoxd.api.start import Started, client_of, split_prompts, start_chat, start_completion
+from thoxd.api.start import Started, split_prompts, start_chat, start_completion
 from thoxd.api.surrogates import has_lone_surrogate
 from thoxd.engine import Delta, Engine, Failed
-from thoxd.errors import InvalidRequest, NotFound, ThoxdError
+from thoxd.errors import InvalidApiKey, InvalidRequest, NotFound, ThoxdError
+from thoxd.guards.access import WS_PROTOCOL, Access, caller_of
 from thoxd.guards.origins import normal_origins, origin_allowed
 from thoxd.guards.shutdown import Shutdown, shutting_down
 from thoxd.settings import Settings
@@ -65,9 +75,14 @@ _GONE = (WebSocketDisconnect, WebSocketDisconnected, OSError)  # the peer is gon
 
 class StreamRoutes:
     def __init__(
-        self, engine: Engine, settings: Settings, shutdown: Shutdown | None = None
+        self,
+        engine: Engine,
+        settings: Settings,
+        shutdown: Shutdown | None = None,
+        access: Access | None = None,
     ) -> None:
         self.engine = engine
+        self.access = access
         self.shutdown = shutdown or Shutdown()
         self.max_message_bytes = settings.max_body_bytes
         self.allowed_origins = normal_origins(settings.allowed_origins)
@@ -82,8 +97,12 @@ class StreamRoutes:
             logger.info("refused a /v1/stream handshake from origin %r", origin[:200])
             await websocket.close(CLOSE_POLICY_VIOLATION)  # before accept: uvicorn answers 403
             return
-        await websocket.accept()
-        connection = _Connection(websocket, self.engine, self.max_message_bytes, self.shutdown)
+        # A browser that offered subprotocols fails the handshake unless one is selected.
+        offered = websocket.scope.get("subprotocols", [])
+        await websocket.accept(subprotocol=WS_PROTOCOL if WS_PROTOCOL in offered else None)
+        connection = _Connection(
+            websocket, self.engine, self.max_message_bytes, self.shutdown, self.access
+        )
         forget = self.shutdown.at_end(connection.going_away)
         try:
             await connection.serve()
@@ -109,10 +128,19 @@ class _Connection:
     """One accepted socket: a reader loop, one task per request, one writer at a time."""
 
     def __init__(
-        self, websocket: WebSocket, engine: Engine, max_message_bytes: int, shutdown: Shutdown
+        self,
+        websocket: WebSocket,
+        engine: Engine,
+        max_message_bytes: int,
+        shutdown: Shutdown,
+        access: Access | None,
     ) -> None:
         self.websocket = websocket
         self.engine = engine
+        self.access = access
+        # None until the first message authenticates (the guard found no key in the handshake).
+        state = websocket.scope.get("state", {})
+        self.caller: Caller | None = state["caller"] if "caller" in state else caller_of(websocket)
         self.stopping = shutdown
         self.max_message_bytes = max_message_bytes
         self.requests: dict[str, _Request] = {}
@@ -143,6 +171,9 @@ class _Connection:
             await self.send_error(None, InvalidRequest("A message must be a JSON object."))
             return
         kind = data.pop("type", "request")
+        if self.caller is None or kind == "auth":
+            await self.authenticate(kind, data)
+            return
         given_id = data.pop("id", None)
         if given_id is not None and not (
             isinstance(given_id, str) and 0 < len(given_id) <= MAX_ID_CHARS
@@ -160,8 +191,27 @@ class _Connection:
         elif kind == "ping":
             await self.send({"type": "pong"})
         else:
-            message = "'type' must be 'request', 'cancel' or 'ping'."
+            message = "'type' must be 'request', 'cancel', 'ping' or 'auth'."
             await self.send_error(given_id, InvalidRequest(message, param="type"))
+
+    async def authenticate(self, kind: Any, data: dict[str, Any]) -> None:
+        if self.caller is not None:
+            await self.send_error(None, InvalidRequest("This connection is authenticated already."))
+            return
+        key = data.get("key") if kind == "auth" else None
+        try:
+            if self.access is None or not isinstance(key, str):
+                raise InvalidApiKey(
+                    'This device needs an API key: send {"type": "auth", "key": KEY} first'
+                    " (or the key in the handshake)."
+                )
+            client = self.websocket.client
+            self.caller = self.access.identify(key, client.host if client else "")
+        except InvalidApiKey as exc:
+            await self.send_error(None, exc)
+            await self.close(CLOSE_POLICY_VIOLATION, "invalid API key")
+            return
+        await self.send({"type": "authenticated"})
 
     async def start(self, given_id: str | None, body: dict[str, Any]) -> None:
         chat = "messages" in body
@@ -171,6 +221,8 @@ class _Connection:
         elif request_id in self.requests:
             message = f"A request with id '{request_id}' is already in flight on this connection."
             await self.send_error(request_id, InvalidRequest(message, param="id"))
+        elif (limited := await self.over_limit()) is not None:
+            await self.send_error(request_id, limited)
         elif len(self.requests) >= MAX_IN_FLIGHT:
             message = f"At most {MAX_IN_FLIGHT} requests may be in flight on one connection."
             await self.send_error(request_id, InvalidRequest(message))
@@ -179,6 +231,16 @@ class _Connection:
             self.requests[request_id] = request
             request.task = asyncio.create_task(self.run(request, body, chat))
             self.stopping.track_task(request.task)  # the shutdown's grace period waits for it
+
+    async def over_limit(self) -> ThoxdError | None:
+        """The caller's rate limits, counting this request (HTTP's are counted by the guard)."""
+        if self.access is None or self.caller is None:
+            return None
+        try:
+            await self.access.limiter.admit(self.caller)
+        except ThoxdError as exc:
+            return exc
+        return None
 
     async def cancel(self, request_id: str | None) -> None:
         request = self.requests.get(request_id) if request_id is not None else None
@@ -241,11 +303,11 @@ class _Connection:
             message = "Send n=1 on /v1/stream: give each choice a request of its own, with its id."
             raise InvalidRequest(message, param="n")
         if isinstance(parsed, ChatRequest):
-            return await start_chat(self.engine, parsed, client_of(self.websocket))
+            return await start_chat(self.engine, parsed, self.caller)
         if len(split_prompts(parsed.prompt)) != 1:
             message = "Send one prompt per request on /v1/stream; give each request its own id."
             raise InvalidRequest(message, param="prompt")
-        return await start_completion(self.engine, parsed, client_of(self.websocket))
+        return await start_completion(self.engine, parsed, self.caller)
 
     async def send_error(self, request_id: str | None, error: ThoxdError) -> None:
         await self.send({"type": "error", "id": request_id, **error.envelope()})

@@ -194,10 +194,11 @@ class Discovery:
     """
 
     def __init__(
-        self, settings: Settings, *, auth: str = "none", system_label: str | None = None
+        self, settings: Settings, *, auth: str | None = None, system_label: str | None = None
     ) -> None:
         self._settings = settings
-        self._auth = auth
+        # What a client must bring (TXT `auth`): a key once the owner has turned keys on.
+        self._auth = auth or ("key" if settings.owner_key is not None else "none")
         self._system_label = system_label or socket.gethostname().split(".")[0]
         self._install_id: str | None = None
         self.state: State = "idle"

@@ -48,6 +48,7 @@ class EngineConfig:
     draft_max: int = 15  # tokens drafted per sequence and step by prompt lookup; 0: none
     faults: Faults = field(default_factory=Faults)  # tests' failure injection (engine/faults.py)
     stop_timeout: float = 10.0  # seconds an engine thread may take to stop before it is left
+    client_cap: int = 0  # most slots one client holds while others are served; 0: no cap
 
     @property
     def max_outputs(self) -> int:
@@ -63,7 +64,7 @@ class LoadedModel:
         spec: ModelSpec,
         path: Path,
         config: EngineConfig,
-        on_finished: Callable[[str, Finished], None] | None = None,
+        on_finished: Callable[[str, Generation, Finished], None] | None = None,
         memory: MemoryEstimate | None = None,
     ) -> None:
         self.spec = spec
@@ -102,9 +103,10 @@ class LoadedModel:
             draft_max=config.draft_max,
             max_outputs=config.max_outputs,
             name=spec.id,
-            on_finished=(lambda f: on_finished(spec.id, f)) if on_finished else None,
+            on_finished=(lambda g, f: on_finished(spec.id, g, f)) if on_finished else None,
             embedder=self._embedder,
             faults=config.faults,
+            client_cap=config.client_cap,
         )
         self.template = self._chat_template()
         self.scheduler.start()

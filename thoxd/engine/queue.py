@@ -19,8 +19,9 @@ from thoxd.errors import QueueFull
 
 
 class WaitQueue:
-    def __init__(self, size: int) -> None:
+    def __init__(self, size: int, cap: int = 0) -> None:
         self.size = size
+        self.cap = cap  # most slots one client holds while others are served (0: no cap)
         self._entries: deque[list[Generation]] = deque()  # each: a request's waiting prompts
         self._embeds: deque[Embedding] = deque()  # the first one is being worked on
 
@@ -50,7 +51,10 @@ class WaitQueue:
         """Up to `n` generations, after the cancelled ones have left (told so). Fair between
         clients: each comes from the oldest request of the client holding the fewest slots
         (`running`, plus what this call took), so one client's backlog waits behind another's
-        single request, not in front of it. FIFO within a client, and between equal shares."""
+        single request, not in front of it. FIFO within a client, and between equal shares.
+        `cap`: a client holding that many slots takes no more while another client
+        holds a slot or waits, so a newcomer finds a slot free instead of waiting for one of a
+        flood's generations to end; a client alone on the model may use every slot."""
         for entry in self._entries:
             for gen in [g for g in entry if g.cancelled]:
                 entry.remove(gen)
@@ -59,7 +63,10 @@ class WaitQueue:
         held = Counter(running or {})
         taken: list[Generation] = []
         while entries and len(taken) < n:
-            i = min(range(len(entries)), key=lambda k: (held[entries[k][0].client], k))
+            allowed = [k for k in range(len(entries)) if self._may_take(entries, k, held, self.cap)]
+            if not allowed:
+                break
+            i = min(allowed, key=lambda k: (held[entries[k][0].client], k))
             gen = entries[i].pop(0)
             taken.append(gen)
             held[gen.client] += 1
@@ -67,6 +74,15 @@ class WaitQueue:
                 del entries[i]
         self._entries = deque(entries)
         return taken
+
+    @staticmethod
+    def _may_take(entries: list[list[Generation]], k: int, held: Counter[str], cap: int) -> bool:
+        client = entries[k][0].client
+        if not cap or held[client] < cap:
+            return True
+        return not any(c != client and n > 0 for c, n in held.items()) and all(
+            entry[0].client == client for entry in entries
+        )
 
     def embedding(self) -> Embedding | None:
         """The embeddings request to work on now; cancelled ones are dropped first."""

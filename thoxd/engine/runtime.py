@@ -39,7 +39,7 @@ from thoxd.engine.embed import EMBED_BATCH
 from thoxd.engine.llama import LlamaLoadError, backend_init, probe_model, route_llama_logs
 from thoxd.engine.memory import MemoryEstimate, estimate_memory
 from thoxd.engine.model import EngineConfig, LoadedModel
-from thoxd.engine.request import Finished
+from thoxd.engine.request import Finished, Generation
 from thoxd.errors import (
     EngineFailure,
     InsufficientMemory,
@@ -83,7 +83,7 @@ class Engine:
         # Called on a model's engine thread with (model id, Finished) for every finished
         # generation: the one place tokens and latencies are counted (thoxd/api/metrics.py).
         # Quick only.
-        self.on_finished: Callable[[str, Finished], None] | None = None
+        self.on_finished: Callable[[str, Generation, Finished], None] | None = None
 
     # -- what is where (never touches a model's idle clock) ---------------------------------
 
@@ -373,9 +373,9 @@ class Engine:
             backend_init()
             self._started = True
 
-    def _finished(self, model_id: str, finished: Finished) -> None:
+    def _finished(self, model_id: str, gen: Generation, finished: Finished) -> None:
         if self.on_finished is not None:
-            self.on_finished(model_id, finished)
+            self.on_finished(model_id, gen, finished)
 
     async def close(self) -> None:
         if self._reaper is not None:

@@ -91,9 +91,10 @@ class Scheduler:
         name: str,
         draft_max: int = 0,
         max_outputs: int = 0,
-        on_finished: Callable[[Finished], None] | None = None,
+        on_finished: Callable[[Generation, Finished], None] | None = None,
         embedder: Embedder | None = None,
         faults: Faults | None = None,
+        client_cap: int = 0,
     ) -> None:
         self._name = name
         self._model = model
@@ -107,7 +108,7 @@ class Scheduler:
         self._draft_max = draft_max if model.rewindable else 0
         self._max_outputs = min(max_outputs or n_slots, ctx.n_batch)
         self._costs = StepCosts({})  # measured when the thread starts, if drafts are on
-        self._queue = WaitQueue(queue_size)
+        self._queue = WaitQueue(queue_size, client_cap)
         self._embedder = embedder
         self._faults = faults or Faults()
         self._failures = 0  # failed steps in a row
@@ -340,7 +341,7 @@ class Scheduler:
         finished = release(slot, reason)
         if self._on_finished is not None:
             try:
-                self._on_finished(finished)
+                self._on_finished(run.gen, finished)
             except Exception:  # an observer's bug must not stop the engine
                 logger.exception("on_finished observer failed")
         # Last: whoever reads Finished sees the slot already free.

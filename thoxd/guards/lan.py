@@ -161,7 +161,7 @@ class LanGuard:
         if scope["type"] in ("http", "websocket"):
             error = self.refusal(scope)
             if error is not None:
-                await _refuse(scope, receive, send, error)
+                await refuse(scope, receive, send, error)
                 return
         await self.app(scope, receive, send)
 
@@ -193,13 +193,15 @@ class LanGuard:
         return None
 
 
-async def _refuse(scope: Scope, receive: Receive, send: Send, error: ThoxdError) -> None:
+async def refuse(scope: Scope, receive: Receive, send: Send, error: ThoxdError) -> None:
+    """Answer `error` before any handler runs: an HTTP response, or a WebSocket handshake's."""
     body = json.dumps(error.envelope()).encode()
     if scope["type"] == "http":
-        response = JSONResponse(error.envelope(), status_code=error.status)
+        response = JSONResponse(error.envelope(), status_code=error.status, headers=error.headers)
         await response(scope, receive, send)
     elif "websocket.http.response" in scope.get("extensions", {}):
         headers = [(b"content-type", b"application/json"), (b"content-length", b"%d" % len(body))]
+        headers += [(k.lower().encode(), v.encode()) for k, v in error.headers.items()]
         await send(
             {"type": "websocket.http.response.start", "status": error.status, "headers": headers}
         )

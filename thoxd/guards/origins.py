@@ -62,10 +62,19 @@ def cors_middleware(allowed_origins: Iterable[str]) -> list[Middleware]:
         Middleware(
             CORSMiddleware,
             allow_origins=origins,
-            allow_methods=["GET", "POST", "OPTIONS"],
+            allow_methods=["GET", "POST", "DELETE", "OPTIONS"],
             allow_headers=["*"],
             allow_credentials=False,  # never: so "*" can never go with credentials
             allow_private_network=True,  # Chrome's Private Network Access preflights
-            expose_headers=["Retry-After"],
+            # What a page may read: when to retry, where it stands with its limits, its request id.
+            expose_headers=[
+                "Retry-After",
+                "X-Request-Id",
+                "X-RateLimit-Limit",
+                "X-RateLimit-Remaining",
+                "X-RateLimit-Reset",
+                "X-RateLimit-Limit-Tokens",
+                "X-RateLimit-Remaining-Tokens",
+            ],
         )
     ]
