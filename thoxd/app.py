@@ -120,7 +120,7 @@ def create_app(
         claimed=lambda: discovery.host_name,
     )
 
-    mcp = McpRoutes(engine, settings, shutdown)
+    mcp = McpRoutes(engine, settings, shutdown, access.limiter)
 
     @contextlib.asynccontextmanager
     async def lifespan(app: Starlette) -> AsyncIterator[None]:

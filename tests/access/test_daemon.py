@@ -3,6 +3,7 @@ the OpenAI SDK: what the issue's probe does, restarts included."""
 
 from __future__ import annotations
 
+import asyncio
 import sqlite3
 import threading
 import time
@@ -11,8 +12,11 @@ from pathlib import Path
 from typing import Any
 
 import httpx
+import httpx2
 import openai
 import pytest
+from mcp.client.session import ClientSession
+from mcp.client.streamable_http import streamable_http_client
 
 from tests.conftest import Daemon
 
@@ -143,3 +147,26 @@ def test_a_flood_from_one_key_does_not_hold_back_anothers_request(box: Box) -> N
     # FIFO would run four of the flood's requests before it; fair share, one slot turnover.
     assert finished.index("single") <= 2, finished
     assert len(finished) == 7
+
+
+def test_mcp_tool_calls_count_against_the_key(box: Box) -> None:
+    key = box.new_key("ide", requests_per_minute=6, burst=2)["key"]
+
+    async def session() -> list[bool]:
+        headers = {"Authorization": f"Bearer {key}"}
+        async with (
+            httpx2.AsyncClient(headers=headers, timeout=60) as http,  # the MCP SDK's httpx
+            streamable_http_client(box.daemon.url + "/mcp", http_client=http) as (read, write),
+            ClientSession(read, write) as mcp,
+        ):
+            await mcp.initialize()
+            await mcp.list_tools()  # protocol messages (and the POSTs they are) do not count
+            results = []
+            for _ in range(3):
+                result = await mcp.call_tool("thox_explain", {"code": "x = 1", "max_tokens": 2})
+                results.append(result.is_error)
+                if result.is_error:
+                    assert "Retry in" in str(result.content)
+            return results
+
+    assert asyncio.run(session()) == [False, False, True]

@@ -50,7 +50,7 @@ def test_health_stays_open(app: Starlette) -> None:
 
 
 @pytest.mark.parametrize(
-    "path", ["/v1/models", "/models/current", "/api/keys", "/v1/usage", "/nowhere"]
+    "path", ["/v1/models", "/models/current", "/api/keys", "/v1/usage", "/mcp", "/nowhere"]
 )
 def test_every_api_route_needs_a_key(app: Starlette, path: str) -> None:
     response = call(app, "GET", path)
@@ -148,3 +148,18 @@ def test_keys_off_guests_are_limited_by_address_when_asked(
     other = call(app, "GET", "/v1/models", client=("192.168.1.21", 40000))
     assert first == [200, 200, 429] and other.status_code == 200
     assert other.headers["x-ratelimit-remaining"] == "1"
+
+
+@pytest.mark.parametrize(
+    ("path", "body"),
+    [("/v1/chat/completions", {"messages": [{"role": "user", "content": "hi"}]}),
+     ("/v1/completions", {"prompt": "hi"}), ("/v1/embeddings", {"input": "hi"}),
+     ("/v1/responses", {"input": "hi"})],
+)  # fmt: skip
+def test_a_key_is_refused_a_model_outside_its_list(
+    app: Starlette, path: str, body: dict[str, Any]
+) -> None:
+    key = new_key(app, models=["gemma3"])["key"]  # an alias: stored as its catalog id
+    response = call(app, "POST", path, key, json={"model": "thox-coder", **body})
+    assert_error(response, 403, "forbidden")
+    assert response.json()["error"]["param"] == "model"

@@ -32,6 +32,7 @@ from starlette.routing import BaseRoute, Route
 from starlette.types import Receive, Scope, Send
 
 from thoxd import __version__
+from thoxd.access import Limiter
 from thoxd.api.mcp_tools import ThoxTools
 from thoxd.engine import Engine
 from thoxd.errors import OriginNotAllowed
@@ -58,10 +59,12 @@ class _Server(MCPServer):
 
 
 class McpRoutes:
-    def __init__(self, engine: Engine, settings: Settings, shutdown: Shutdown) -> None:
+    def __init__(
+        self, engine: Engine, settings: Settings, shutdown: Shutdown, limiter: Limiter | None = None
+    ) -> None:
         self.engine = engine
         self.allowed_origins = normal_origins(settings.allowed_origins)
-        self.tools = ThoxTools(engine, settings.default_model, shutdown)
+        self.tools = ThoxTools(engine, settings.default_model, shutdown, limiter)
         self.server = _Server(
             name="thox", title="Thox", version=__version__, instructions=_INSTRUCTIONS
         )

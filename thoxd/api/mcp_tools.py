@@ -23,11 +23,11 @@ from mcp.server.mcpserver.exceptions import ToolError
 from pydantic import BaseModel, Field
 from starlette.requests import HTTPConnection
 
-from thoxd.access import Caller
+from thoxd.access import Caller, Limiter
 from thoxd.api.schemas import ChatRequest, CompletionRequest, parse
 from thoxd.api.start import Started, permit, start_chat, start_completion
 from thoxd.engine import Delta, Engine, Failed, Finished
-from thoxd.errors import ThoxdError, Unavailable
+from thoxd.errors import ThoxdError
 from thoxd.guards.access import caller_of
 from thoxd.guards.shutdown import Shutdown
 
@@ -90,10 +90,17 @@ def _refactor_schema(code: str) -> dict[str, Any]:
 
 
 class ThoxTools:
-    def __init__(self, engine: Engine, default_model: str, shutdown: Shutdown) -> None:
+    def __init__(
+        self,
+        engine: Engine,
+        default_model: str,
+        shutdown: Shutdown,
+        limiter: Limiter | None = None,
+    ) -> None:
         self.engine = engine
         self.default_model = default_model
         self.shutdown = shutdown
+        self.limiter = limiter  # each tool call counts against the caller's rate limits
 
     def all(self) -> list[tuple[Callable[..., Awaitable[BaseModel]], str, str]]:
         """Each tool: its function, name and the description an IDE shows."""
@@ -261,8 +268,11 @@ class ThoxTools:
     ) -> tuple[str, str]:
         """Generate, reporting progress; a ThoxdError becomes a tool error the IDE shows.
         `start` is given the client (the HTTP request's), for the queue's fair share."""
+        caller = _caller(ctx)
         try:
-            started = await start(_caller(ctx))
+            if self.limiter is not None and caller is not None:
+                await self.limiter.admit(caller)
+            started = await start(caller)
         except ThoxdError as exc:
             raise ToolError(_shown(exc)) from None
         forget = self.shutdown.at_end(started.cancel)
@@ -287,7 +297,7 @@ class ThoxTools:
 
 
 def _shown(error: ThoxdError) -> str:
-    retry = error.headers.get("Retry-After") if isinstance(error, Unavailable) else None
+    retry = error.headers.get("Retry-After")  # busy (503) or over a rate limit (429)
     return f"{error.message} Retry in {retry} s." if retry else error.message
 
 

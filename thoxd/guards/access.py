@@ -16,7 +16,8 @@ handshake is accepted and the first message must be `{"type": "auth", "key": KEY
 The guard puts the `Caller` in the request's state for the handlers (`caller_of`): the queue's
 fair share, the usage ledger and the model restrictions count by it. Client keys, and guests by
 address when `client_rate_limit` is set, pass the limiter; its X-RateLimit-* headers go on the
-answer (a WebSocket's requests are counted one by one, in thoxd/api/websocket.py).
+answer. A WebSocket's requests are counted one by one (thoxd/api/websocket.py), and on /mcp
+each tool call (thoxd/api/mcp_tools.py), not the session's protocol messages.
 """
 
 from __future__ import annotations
@@ -39,6 +40,8 @@ logger = logging.getLogger("thoxd.security")
 
 OPEN_PATHS = frozenset({"/health"})
 LOCAL_PATHS = frozenset({"/metrics", "/system/info"})  # loopback or the owner
+# Counted per tool call instead (an MCP session's protocol messages are many per call).
+UNCOUNTED = frozenset({"/mcp"})
 WS_PROTOCOL = "thox.v1"
 WS_KEY_PROTOCOL = "thox.key."
 
@@ -133,7 +136,7 @@ class AccessGuard:
         limit_headers: dict[str, str] = {}
         try:
             caller = self._admit(scope)
-            if caller is not None and scope["type"] == "http":
+            if caller is not None and scope["type"] == "http" and scope["path"] not in UNCOUNTED:
                 limit_headers = await self.access.limiter.admit(caller)
         except ThoxdError as error:
             await refuse(scope, receive, send, error)
