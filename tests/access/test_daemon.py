@@ -166,7 +166,8 @@ def test_mcp_tool_calls_count_against_the_key(box: Box) -> None:
                 result = await mcp.call_tool("thox_explain", {"code": "x = 1", "max_tokens": 2})
                 results.append(result.is_error)
                 if result.is_error:
-                    assert "Retry in" in str(result.content)
+                    assert "Rate limit reached" in str(result.content)
+                    assert "Retry after" in str(result.content)
             return results
 
     assert asyncio.run(session()) == [False, False, True]

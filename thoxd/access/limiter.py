@@ -83,13 +83,17 @@ class Limiter:
         headers["X-RateLimit-Reset"] = str(max(0, math.ceil(tightest.reset_time - now)))
         if refused is not None:
             wait = await self._moving.get_window_stats(refused, caller.id)
-            within = "burst" if refused is windows.burst else "minute"
+            rpm = limits.requests_per_minute
+            reached = (
+                f"{limits.burst} requests at once (then {rpm} per minute)"
+                if refused is windows.burst
+                else f"{rpm} requests per minute"
+            )
+            retry = max(1, math.ceil(wait.reset_time - now))
             raise RateLimitExceeded(
-                f"Rate limit reached: {limits.requests_per_minute} requests per minute, at most"
-                f" {limits.burst} at once (this {within}'s allowance is used). Retry after the"
-                " time in Retry-After.",
+                f"Rate limit reached: {reached}. Retry after {retry} s.",
                 kind="requests",
-                retry_after=max(1, math.ceil(wait.reset_time - now)),
+                retry_after=retry,
                 limit_headers=headers,
             )
         return headers

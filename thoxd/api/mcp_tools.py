@@ -298,7 +298,9 @@ class ThoxTools:
 
 def _shown(error: ThoxdError) -> str:
     retry = error.headers.get("Retry-After")  # busy (503) or over a rate limit (429)
-    return f"{error.message} Retry in {retry} s." if retry else error.message
+    if retry is None or "Retry after" in error.message:
+        return error.message
+    return f"{error.message} Retry in {retry} s."
 
 
 def _fenced(code: str, language: str | None) -> str:
