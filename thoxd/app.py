@@ -15,14 +15,19 @@ from starlette.requests import Request
 from starlette.responses import JSONResponse, Response
 
 from thoxd.access import AccessDb, KeyStore, Limiter, UsageLedger
+from thoxd.api import locallab, rox
 from thoxd.api.conversations import ResponseStore
+from thoxd.api.dialects import ErrorDialects
 from thoxd.api.keys import KeyRoutes
+from thoxd.api.locallab import LocalLabRoutes
 from thoxd.api.mcp import McpRoutes
 from thoxd.api.metrics import Metrics, MetricsMiddleware
 from thoxd.api.models import ModelRoutes
 from thoxd.api.openai import OpenAIRoutes
 from thoxd.api.request_ids import RequestIdMiddleware, response_id
 from thoxd.api.responses import ResponsesRoutes
+from thoxd.api.rox import RoxRoutes
+from thoxd.api.roxy import roxy_routes
 from thoxd.api.system import SystemRoutes
 from thoxd.api.usage import UsageRoutes
 from thoxd.api.websocket import StreamRoutes
@@ -144,20 +149,33 @@ def create_app(
     system = SystemRoutes(
         engine, settings.default_model, sampler=sampler, metrics=metrics, identity=discovery
     )
+    openai = OpenAIRoutes(engine, shutdown, ledger)
+    models = ModelRoutes(engine)
     routes = [
-        *OpenAIRoutes(engine, shutdown, ledger).routes(),
+        *openai.routes(),
         # Stored responses for previous_response_id: in memory, bounded (api/conversations.py).
         *ResponsesRoutes(engine, ResponseStore(), shutdown).routes(),
-        *ModelRoutes(engine).routes(),
+        *models.routes(),
         *system.routes(),
         *StreamRoutes(engine, settings, shutdown, access).routes(),
         *mcp.routes(),
         *KeyRoutes(engine, access).routes(),
         *UsageRoutes(access).routes(),
+        # The seed documents' own routes, thin adapters over the same rules (README, "Seeds").
+        *LocalLabRoutes(engine, settings.default_model, shutdown).routes(),
+        *RoxRoutes(engine, settings.default_model, shutdown).routes(),
+        *roxy_routes(openai, models),
     ]
+    # Their errors in their own shapes (thoxd/api/dialects.py).
+    dialects = {
+        **dict.fromkeys(locallab.PATHS, locallab.render_error),
+        **dict.fromkeys(rox.PATHS, rox.render_error),
+    }
     app = Starlette(
         routes=routes,
         middleware=[
+            # Outermost: a seed route's errors, whoever raised them, in its own shape.
+            Middleware(ErrorDialects, renderers=dialects),
             # First: a body length said two ways closes the connection (thoxd/guards/framing.py).
             Middleware(FramingGuard),
             # Every answer names its request, refusals included (thoxd/api/request_ids.py).

@@ -113,6 +113,7 @@ def test_available_tells_what_each_model_would_cost(box: Daemon, budget: int) ->
     assert huge["kv_cache_bytes"] > a["kv_cache_bytes"] * 50
     assert entries["bad"]["memory_estimate"] is None  # refused by the gate
     assert body["memory"]["budget_bytes"] == budget
+    assert body["models"] == body["data"]  # the list locallab-client's list_models() reads
 
 
 def test_three_models_asked_for_in_turn_under_a_budget_for_two(box: Daemon) -> None:
@@ -153,15 +154,22 @@ def test_load_and_unload_routes(box: Daemon) -> None:
     loaded = httpx.post(box.url + "/models/load", json={"model_id": "c"}, timeout=60)
     assert loaded.status_code == 200
     assert loaded.json()["id"] == "c" and loaded.json()["state"] == "loaded"
+    assert loaded.json()["status"] == "success"  # what locallab-client checks
     unknown = httpx.post(box.url + "/models/load", json={"model_id": "zz"})
     assert unknown.status_code == 404 and unknown.json()["error"]["param"] == "model_id"
     missing = httpx.post(box.url + "/models/load", json={})
     assert missing.status_code == 400 and missing.json()["error"]["param"] == "model_id"
-    # Two are loaded: the body-less form of the /generate server's docs must say which.
+    # Two are loaded: the body-less form of the /generate server's docs unloads the current
+    # one, the most recently used (c, just loaded), as /models/current names it.
     assert len([s for s in _states(box).values() if s == "loaded"]) == 2
-    assert httpx.post(box.url + "/models/unload").status_code == 400
+    assert httpx.get(box.url + "/models/current").json()["model_id"] == "c"
+    unloaded = httpx.post(box.url + "/models/unload")
+    assert unloaded.status_code == 200 and unloaded.json()["id"] == "c"
+    assert unloaded.json()["status"] == "Model unloaded successfully"
+    assert _states(box)["c"] == "unloaded"
     again = httpx.post(box.url + "/models/unload", json={"model_id": "huge"})
     assert again.status_code == 200 and again.json()["unloaded"] is False
+    assert again.json()["status"] == "Model was not loaded"
 
 
 def test_a_load_is_visible_as_loading(box: Daemon) -> None:

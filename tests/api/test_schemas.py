@@ -529,3 +529,34 @@ def test_null_means_not_given() -> None:
     body = {"model": "m", "input": "x", "encoding_format": None, "dimensions": None}
     assert parse(EmbeddingRequest, body).encoding_format == "float"
     assert refused(ChatRequest, chat(model=None)).param == "model"  # a required one stays so
+
+
+# -- the seed dialects' names on /v1: mapped, or refused by name, never dropped ------------------
+
+CHAT = {"model": "m", "messages": [{"role": "user", "content": "x"}]}
+
+
+@pytest.mark.parametrize("request_type", [ChatRequest, CompletionRequest])
+def test_repetition_penalty_is_repeat_penalty(request_type: Any) -> None:
+    body = {**CHAT, "prompt": "x", "repetition_penalty": 1.3}
+    assert parse(request_type, body).repeat_penalty == 1.3
+    with pytest.raises(UnsupportedParameter) as refused:
+        parse(request_type, {**body, "repeat_penalty": 1.1})
+    assert refused.value.param == "repetition_penalty"
+
+
+@pytest.mark.parametrize(
+    ("field", "value", "hint"),
+    [("max_length", 5, "max_tokens"), ("model_id", "x", "'model'"),
+     ("do_sample", False, "temperature")],
+)  # fmt: skip
+def test_other_generate_server_fields_are_refused_naming_ours(
+    field: str, value: Any, hint: str
+) -> None:
+    with pytest.raises(UnsupportedParameter) as refused:
+        parse(ChatRequest, {**CHAT, field: value})
+    assert refused.value.param == field and hint in refused.value.message
+
+
+def test_generate_server_fields_that_ask_nothing_pass() -> None:
+    parse(ChatRequest, {**CHAT, "do_sample": True, "max_length": None, "model_id": None})

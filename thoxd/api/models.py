@@ -62,7 +62,9 @@ class ModelRoutes:
             estimate = estimates[spec.id]
             entry["memory_estimate"] = estimate.as_dict() if estimate else None
             data.append(entry)
-        return JSONResponse({"object": "list", "data": data, "memory": self._budget()})
+        # `models`: the list locallab-client's list_models() reads (the /generate server's).
+        body = {"object": "list", "data": data, "models": data, "memory": self._budget()}
+        return JSONResponse(body)
 
     async def current(self, request: Request) -> Response:
         now, wall = time.monotonic(), time.time()
@@ -134,21 +136,22 @@ class ModelRoutes:
             raise InvalidRequest('Say which model to load: {"model_id": ...}.', param="model_id")
         _known(self.engine, action.model_id)
         async with self.engine.use(action.model_id, action.keep_alive) as model:
-            return JSONResponse(self.model_object(model.spec))
+            # `status`: what locallab-client's load_model() checks.
+            return JSONResponse({**self.model_object(model.spec), "status": "success"})
 
     async def unload(self, request: Request) -> Response:
         """Unload a model now; 409 while it serves requests (nothing is cut short).
 
-        Without a body, the one loaded model is meant (the /generate server's form)."""
+        Without a body, the current model is meant (the /generate server's form): the one
+        /models/current names, the most recently used."""
         body = await request.body()
         action = parse(ModelAction, body) if body.strip() else ModelAction()
         model_id = action.model_id
         if model_id is None:
-            loaded = self.engine.loaded()
-            if len(loaded) != 1:
+            loaded = sorted(self.engine.loaded(), key=lambda m: -m.last_used)
+            if not loaded:
                 raise InvalidRequest(
-                    f"{len(loaded)} models are loaded: say which to unload with "
-                    '{"model_id": ...}.',
+                    'No model is loaded; name one to unload with {"model_id": ...}.',
                     param="model_id",
                 )
             model_id = loaded[0].spec.id
@@ -160,6 +163,8 @@ class ModelRoutes:
                 "object": "model",
                 "state": self.engine.state(spec.id),
                 "unloaded": was_loaded,
+                # What locallab-client's unload_model() checks.
+                "status": "Model unloaded successfully" if was_loaded else "Model was not loaded",
             }
         )
 

@@ -72,7 +72,7 @@ class StreamOptions(_Body):
     include_usage: bool = False
 
 
-class _RequestBody(_Body):
+class RequestBody(_Body):
     """A whole request body. OpenAI's fields are nullable: `"n": null` (some clients send every
     field) means "not given", so it gets the default instead of a 400."""
 
@@ -82,7 +82,7 @@ class _RequestBody(_Body):
         return {k: v for k, v in data.items() if v is not None} if isinstance(data, dict) else data
 
 
-class GenerationBody(_RequestBody):
+class GenerationBody(RequestBody):
     """Fields shared by chat and text completions."""
 
     model: str = Field(min_length=1, max_length=256)
@@ -106,6 +106,11 @@ class GenerationBody(_RequestBody):
     user: str | None = Field(None, max_length=512)
     stream: bool = False
     stream_options: StreamOptions | None = None
+
+    @model_validator(mode="before")
+    @classmethod
+    def _foreign_fields(cls, data: Any) -> Any:
+        return unsupported.foreign_fields(data)
 
     @field_validator("stop")
     @classmethod
@@ -312,7 +317,7 @@ class CompletionRequest(GenerationBody):
         return self.logprobs
 
 
-class EmbeddingRequest(_RequestBody):
+class EmbeddingRequest(RequestBody):
     model: str = Field(min_length=1, max_length=256)
 
     input: Annotated[PromptInput, _prompt("input", 2048)]

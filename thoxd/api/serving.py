@@ -9,7 +9,7 @@ from __future__ import annotations
 import asyncio
 import json
 from collections.abc import AsyncIterator, Awaitable, Callable
-from typing import Any
+from typing import Any, TypeVar
 
 from starlette.requests import Request
 from starlette.types import Receive
@@ -17,6 +17,8 @@ from starlette.types import Receive
 from thoxd.api.start import Started
 from thoxd.engine import Delta, Failed, Finished
 from thoxd.guards.shutdown import Shutdown
+
+T = TypeVar("T")
 
 SSE_HEADERS = {"Cache-Control": "no-cache", "X-Accel-Buffering": "no"}
 
@@ -53,10 +55,10 @@ async def until_disconnect(receive: Receive) -> None:
 
 async def unless_gone(
     request: Request,
-    work: Awaitable[dict[str, Any]],
+    work: Awaitable[T],
     cancel: Callable[[], None],
     shutdown: Shutdown,
-) -> dict[str, Any] | None:
+) -> T | None:
     """`work`'s result, or None if the client left first: then `cancel` frees what it held
     (slots, an embedding in progress) now, since nobody will read the answer. Past the
     shutdown's grace period `cancel` runs too, and the answer is a 503."""

@@ -64,15 +64,18 @@ async def start_chat(engine: Engine, body: ChatRequest, caller: Caller | None = 
 
 
 async def start_completion(
-    engine: Engine, body: CompletionRequest, caller: Caller | None = None
+    engine: Engine, body: CompletionRequest, caller: Caller | None = None, *, turns: bool = False
 ) -> Started:
+    """`turns`: each text prompt is a user's turn, put through the chat template of a model that
+    chats (the seed routes' /generate: a prompt there is a question, not text to continue)."""
     body.check_supported()
     permit(engine, caller, body.model)
     grammar = response_grammar(body)
     async with engine.use(body.model, body.keep_alive) as model:
         if grammar is not None:
             await asyncio.to_thread(model.check_grammar, grammar)
-        if "completion" not in model.spec.capabilities:
+        turns = turns and "chat" in model.spec.capabilities and model.template is not None
+        if not turns and "completion" not in model.spec.capabilities:
             raise InvalidRequest(
                 f"The model '{model.spec.id}' does not do text completions.", param="model"
             )
@@ -88,7 +91,10 @@ async def start_completion(
         prompts: list[list[int]] = []
         echoes: list[str] = []
         for prompt in split_prompts(body.prompt):  # at most 64 (schemas.py)
-            if isinstance(prompt, str):
+            if isinstance(prompt, str) and turns:
+                text = model.render_chat([{"role": "user", "content": prompt}])
+                tokens = await model.tokenize(text, add_special=False)
+            elif isinstance(prompt, str):
                 tokens = await model.tokenize(prompt, add_special=suffix is None)
             else:
                 model.check_token_ids(prompt, "prompt")

@@ -50,3 +50,33 @@ def refuse(data: object, table: Table) -> None:
 def _same(given: object, neutral: object) -> bool:
     # Not `==`: `store: 0` is no `false`, and `True == 1`.
     return type(given) is type(neutral) and given == neutral
+
+
+# The seed dialects' names for /v1 fields (the /generate server's): renamed where the meaning is
+# the same, refused with the /v1 field to send otherwise; never silently dropped.
+RENAMED = {"repetition_penalty": "repeat_penalty"}
+FOREIGN: Table = {
+    "max_length": ((None,), "send 'max_tokens'"),
+    "model_id": ((None,), "send 'model'"),
+    "do_sample": ((None, True), "send 'temperature': 0 for greedy decoding"),
+}
+
+
+def foreign_fields(data: object) -> object:
+    """A decoded body with the seed dialects' fields renamed to /v1's, or UnsupportedParameter
+    naming one /v1 does not take."""
+    if not isinstance(data, dict):
+        return data
+    for name, (neutral, what) in FOREIGN.items():
+        if name in data and not any(_same(data[name], value) for value in neutral):
+            raise UnsupportedParameter(
+                f"'{name}' is the /generate server's field, not this API's: {what}.", param=name
+            )
+    for name, ours in RENAMED.items():
+        if data.get(name) is not None:
+            if data.get(ours) is not None and data[ours] != data[name]:
+                raise UnsupportedParameter(
+                    f"'{name}' and '{ours}' are the same setting: send one.", param=name
+                )
+            data = {**{k: v for k, v in data.items() if k != name}, ours: data[name]}
+    return data
