@@ -10,6 +10,7 @@ import pytest
 
 from tests.engine.helpers import collect, load_model, run_prompt
 from thoxd.catalog.entries import ModelSpec
+from thoxd.engine.faults import Faults
 from thoxd.engine.llama import route_llama_logs
 from thoxd.engine.request import Delta, Finished, Generation
 from thoxd.engine.runtime import LoadedModel
@@ -217,3 +218,62 @@ def test_parked_prefixes_are_bounded_by_one_context(
         asyncio.run(scenario())
     finally:
         small.close()
+
+
+class StepSizes(Faults):
+    """Records how many tokens each step decodes (the fault seam, faulting nothing)."""
+
+    def __init__(self) -> None:
+        self.sizes: list[int] = []
+
+    def decode(self, model_id: str, n_tokens: int) -> int | None:
+        self.sizes.append(n_tokens)
+        return None
+
+
+def test_a_cold_prompt_prefills_in_one_step_and_beside_a_stream_in_chunks(
+    default_spec: ModelSpec, model_file: Path, models_dir: Path
+) -> None:
+    steps = StepSizes()
+    m = load_model(default_spec, model_file, models_dir, batch_size=256, draft_max=0, faults=steps)
+    long_prompt = " ".join(f"word{i % 50}" for i in range(700))  # about 1400 tokens
+
+    async def scenario() -> None:
+        # Alone on the model: the whole prompt in one step, as llama-server prefills it.
+        alone = Generation(
+            prompt=m.llama.tokenize(long_prompt, add_special=True),
+            params=GREEDY,
+            max_tokens=1,
+        )
+        assert len(alone.prompt) > 1000
+        m.submit(alone)
+        await collect(alone)
+        # (its last token then decodes on its own, as a generated token: reproducible output)
+        assert steps.sizes[:2] == [len(alone.prompt) - 1, 1]
+        # Beside a stream: chunks of batch_size, so the stream keeps a token every step.
+        steps.sizes.clear()
+        stream = Generation(
+            prompt=m.llama.tokenize("1, 2, 3, 4,", add_special=True),
+            params=GREEDY,
+            max_tokens=200,
+        )
+        m.submit(stream)
+        async for event in stream.events():
+            if isinstance(event, Delta):
+                break
+        other = Generation(
+            prompt=m.llama.tokenize("x " + long_prompt, add_special=True),
+            params=GREEDY,
+            max_tokens=1,
+        )
+        m.submit(other)
+        await collect(other)
+        stream.cancel()
+        await collect(stream)
+        assert max(steps.sizes) <= 256
+        assert sum(1 for n in steps.sizes if n > 200) >= 4  # the prompt came in chunks
+
+    try:
+        asyncio.run(scenario())
+    finally:
+        m.close()

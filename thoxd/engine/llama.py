@@ -158,6 +158,7 @@ class ContextConfig:
     n_seq_max: int
     n_batch: int
     n_threads: int
+    n_ubatch: int = 0  # 0: n_batch
     # Most output rows (logits) in one step, and for one sequence: one per running sequence,
     # plus the drafts speculative decoding checks (thoxd.engine.drafts).
     max_outputs: int = 0  # 0: n_seq_max
@@ -172,7 +173,7 @@ class LlamaContext:
         params = llama_cpp.llama_context_default_params()
         params.n_ctx = config.n_ctx
         params.n_batch = config.n_batch
-        params.n_ubatch = config.n_batch
+        params.n_ubatch = min(config.n_ubatch or config.n_batch, config.n_batch)
         params.n_seq_max = config.n_seq_max
         params.n_threads = config.n_threads
         params.n_threads_batch = config.n_threads

@@ -36,6 +36,10 @@ logger = logging.getLogger("thoxd.engine")
 _INLINE_TOKENIZE_CHARS = 4096
 
 
+COLD_BATCH = 2048
+UBATCH = 512
+
+
 @dataclass(frozen=True)
 class EngineConfig:
     models_dir: Path
@@ -49,6 +53,18 @@ class EngineConfig:
     faults: Faults = field(default_factory=Faults)  # tests' failure injection (engine/faults.py)
     stop_timeout: float = 10.0  # seconds an engine thread may take to stop before it is left
     client_cap: int = 0  # most slots one client holds while others are served; 0: no cap
+
+    @property
+    def cold_batch(self) -> int:
+        """Most prompt tokens in one step while no other sequence decodes: llama-server's
+        n_batch, so a prompt arriving at an idle model prefills as fast as llama.cpp can
+        (`batch_size` stays the chunk that shares a step with running streams)."""
+        return max(self.batch_size, COLD_BATCH)
+
+    @property
+    def ubatch(self) -> int:
+        """llama.cpp's micro-batch: what one graph computes (llama-server's default, 512)."""
+        return max(self.batch_size, UBATCH)
 
     @property
     def max_outputs(self) -> int:
@@ -84,7 +100,8 @@ class LoadedModel:
                     # is never cut short because others are using the cache.
                     n_ctx=spec.n_ctx * config.slots,
                     n_seq_max=config.slots,
-                    n_batch=config.batch_size,
+                    n_batch=config.cold_batch,
+                    n_ubatch=config.ubatch,
                     n_threads=config.threads,
                     max_outputs=config.max_outputs,
                     max_outputs_per_seq=config.draft_max + 1,
@@ -107,6 +124,7 @@ class LoadedModel:
             embedder=self._embedder,
             faults=config.faults,
             client_cap=config.client_cap,
+            shared_batch=config.batch_size,
         )
         self.template = self._chat_template()
         self.scheduler.start()

@@ -240,7 +240,7 @@ class Engine:
             n_ctx=spec.n_ctx,
             slots=self.config.slots,
             outputs=self.config.max_outputs,
-            batch_size=self.config.batch_size,
+            batch_size=self.config.ubatch,
             embeddings="embeddings" in spec.capabilities,
             embed_batch=EMBED_BATCH,
         )

@@ -1,7 +1,8 @@
 """The step loop: one thread owns a model's llama context and decodes for N sequence slots.
 
 Each step builds one batch: one token for every sequence that is generating, then a chunk of one
-prompt still being prefilled (plus any with a few tokens left), up to `n_batch` tokens; a single
+prompt still being prefilled (plus any with a few tokens left), up to `batch_size` tokens while
+others decode and the whole `n_batch` (2048, llama-server's) when none does; a single
 `llama_decode` runs it, and each sequence whose logits came out samples its next token. Waiting
 requests are admitted in FIFO order as slots free up, each into the idle slot whose cached tokens
 share the longest prefix with its prompt, so only the rest of the prompt is prefilled.
@@ -95,6 +96,7 @@ class Scheduler:
         embedder: Embedder | None = None,
         faults: Faults | None = None,
         client_cap: int = 0,
+        shared_batch: int = 0,
     ) -> None:
         self._name = name
         self._model = model
@@ -105,6 +107,9 @@ class Scheduler:
         self._slots = [Slot(seq_id=i) for i in range(n_slots)]
         self._park_cap = n_ctx_seq  # tokens parked in host memory, over all idle slots
         self._batch = Batch(ctx.n_batch)
+        # Most tokens of a step that streams share: a prompt prefills in chunks of this while
+        # others decode, and in the whole batch when nothing else runs (0: the whole batch).
+        self._shared_batch = shared_batch or ctx.n_batch
         self._draft_max = draft_max if model.rewindable else 0
         self._max_outputs = min(max_outputs or n_slots, ctx.n_batch)
         self._costs = StepCosts({})  # measured when the thread starts, if drafts are on
@@ -307,15 +312,18 @@ class Scheduler:
         # prompt per step: on a CPU prefill costs the same per token however prompts are packed,
         # so packing several only holds all their first tokens back until the last is done.
         # A prompt with few tokens left (a prefix-cache hit) still joins: it saves a whole step.
+        # Cold (nothing decodes): the whole batch, as llama-server prefills.
+        limit = batch.capacity if not decoding else min(batch.capacity, self._shared_batch)
         prefilling = False
         for slot in sorted(running, key=lambda s: s.run.admitted_at if s.run else 0.0):
             run = slot.run
-            if run is None or not run.pending or batch.room == 0:
+            room = limit - batch.n_tokens
+            if run is None or not run.pending or room <= 0:
                 continue
             if prefilling and len(run.pending) > SHORT_PREFILL:
                 continue
             prefilling = True
-            chunk, run.pending = run.pending[: batch.room], run.pending[batch.room :]
+            chunk, run.pending = run.pending[:room], run.pending[room:]
             if run.fused and not run.pending:  # the prompt ends here: its last token samples
                 batch.add_sequence(chunk[:-1], len(slot.cached), slot.seq_id)
                 index = batch.add(

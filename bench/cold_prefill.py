@@ -1,0 +1,100 @@
+"""Cold prefill: time to first token for a long prompt on an idle model, thoxd against
+llama-server, side by side in one run (one server at a time, same GGUF, threads, slots, context).
+
+For each prompt size (default 1000 and 4000 tokens) and each server: `--reps` prompts never seen
+before (a new code-like text each, so nothing is cached), one at a time, streamed, max_tokens 1;
+TTFT is request sent to first text chunk, as the client sees it. Reported: mean and min TTFT per
+server, and thoxd / llama-server. Build llama-server first with bench/build_llama_server.sh.
+Usage: bench/cold_prefill.py [--sizes 1000,4000] [--reps 4]
+"""
+
+from __future__ import annotations
+
+import argparse
+import asyncio
+import importlib.metadata
+import json
+import os
+import statistics
+import sys
+import tempfile
+from pathlib import Path
+from typing import Any
+
+from concurrency import MODEL_FILE, MODEL_ID, N_CTX, ROOT, Server, code_prefix, complete, free_port
+from concurrency import machine as machine_info
+
+FUNC_TOKENS = 72  # about what one code_prefix function costs in Gemma 3 tokens
+
+
+async def cold_runs(url: str, size: int, reps: int, seed: int) -> list[dict[str, Any]]:
+    runs = []
+    for k in range(reps):
+        text = code_prefix(seed + k, max(1, size // FUNC_TOKENS))
+        runs.append(await complete(url, text + "# Q: what does the first function do?\n", 1))
+    return runs
+
+
+def main() -> int:
+    version = importlib.metadata.version("llama-cpp-python")
+    p = argparse.ArgumentParser(description=__doc__.split("\n")[0])
+    p.add_argument(
+        "--llama-server",
+        type=Path,
+        default=ROOT / f"bench/.build/llama-build-{version}/bin/llama-server",
+    )
+    p.add_argument("--models-dir", type=Path, default=Path.home() / ".cache/thoxd-test")
+    p.add_argument("--threads", type=int, default=len(os.sched_getaffinity(0)))
+    p.add_argument("--slots", type=int, default=4)
+    p.add_argument("--sizes", type=lambda v: [int(x) for x in v.split(",")], default=[1000, 4000])
+    p.add_argument("--reps", type=int, default=4)
+    p.add_argument("--json", type=Path)
+    args = p.parse_args()
+    model = args.models_dir / MODEL_FILE
+    t, n = str(args.threads), args.slots
+    results: dict[str, Any] = {"machine": machine_info(), "args": vars(args)}
+    with tempfile.TemporaryDirectory(prefix="thoxd-cold-") as tmp:
+        port = free_port()
+        cmds = {
+            "thoxd": [sys.executable, "-m", "thoxd", "serve", "--host", "127.0.0.1",
+                      "--port", str(port), "--models-dir", str(args.models_dir),
+                      "--state-dir", tmp, "--threads", t, "--slots", str(n),
+                      "--log-level", "warning", "--default-model", MODEL_ID],
+            "llama-server": [str(args.llama_server), "-m", str(model), "--host", "127.0.0.1",
+                             "--port", str(port), "-t", t, "-tb", t, "-np", str(n),
+                             "-c", str(N_CTX * n), "--kv-unified", "--swa-full", "--no-webui"],
+        }  # fmt: skip
+        for name, cmd in cmds.items():
+            print(f"== {name}", flush=True)
+            server = Server(name, cmd, port, Path(tmp) / f"{name}.log")
+            try:
+                server.wait_ready()
+                asyncio.run(complete(server.url, "Warm up: 1, 2, 3,", 4))
+                results[name] = {
+                    size: asyncio.run(cold_runs(server.url, size, args.reps, 5000 + size))
+                    for size in args.sizes
+                }
+            finally:
+                server.stop()
+    lines = [
+        "| prompt tokens | thoxd TTFT ms (mean / min) | llama-server TTFT ms (mean / min) "
+        "| thoxd / llama-server (mean) |",
+        "| - | - | - | - |",
+    ]
+    for size in args.sizes:
+        a = [r["ttft_ms"] for r in results["thoxd"][size]]
+        b = [r["ttft_ms"] for r in results["llama-server"][size]]
+        tokens = results["thoxd"][size][0]["prompt_tokens"]
+        lines.append(
+            f"| {tokens} | {statistics.mean(a):.0f} / {min(a):.0f} | "
+            f"{statistics.mean(b):.0f} / {min(b):.0f} | "
+            f"{statistics.mean(a) / statistics.mean(b):.2f}x |"
+        )
+    print("\n".join(lines))
+    if args.json:
+        args.json.write_text(json.dumps({**results, "table": lines}, indent=1, default=str))
+    return 0
+
+
+if __name__ == "__main__":
+    sys.exit(main())

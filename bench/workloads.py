@@ -1,0 +1,151 @@
+"""Workloads beyond counting: thoxd against llama-server, side by side in one run.
+
+Counting text flatters prompt lookup (its drafts come true), so this measures three loads a
+user actually sends, each on /v1/completions with the same sampling on both servers:
+
+    prose   a short story, sampled at temperature 0.8 (top_k 40, top_p 0.95, min_p 0.05) with a
+            seed per request
+    code    a function rewritten at temperature 0 (much of the answer repeats the prompt)
+    chat    a long system prompt (~700 tokens, the same for every request: a prefix-cache hit
+            after the first) and a short question, temperature 0.7 with a seed
+
+at C = 1 and 4 concurrent streams, `--rounds` rounds each, new prompts every round; aggregate
+tok/s and mean TTFT. One server at a time, same GGUF, threads, slots and context as
+bench/concurrency.py. Usage: bench/workloads.py [--rounds 3] [--tokens 128] [--draft-max N]
+"""
+
+from __future__ import annotations
+
+import argparse
+import asyncio
+import importlib.metadata
+import json
+import os
+import statistics
+import sys
+import tempfile
+import time
+from pathlib import Path
+from typing import Any
+
+import httpx
+from concurrency import MODEL_FILE, MODEL_ID, N_CTX, ROOT, WORDS, Server, code_prefix, free_port
+from concurrency import machine as machine_info
+
+RULES = (
+    f"Rule {i}: prefer {w} solutions that keep {w} data local." for i, w in enumerate(WORDS * 6)
+)
+SYSTEM = "You are the assistant of a small engineering team. Answer briefly. " + " ".join(RULES)
+
+
+def prompt(kind: str, k: int) -> tuple[str, dict[str, Any]]:
+    word = WORDS[k % len(WORDS)]
+    if kind == "prose":
+        sampling = {"temperature": 0.8, "top_k": 40, "top_p": 0.95, "min_p": 0.05, "seed": k}
+        return f"Write a short story about a {word} lighthouse keeper named {k}.\n\n", sampling
+    if kind == "code":
+        code = code_prefix(k, 2)
+        return code + "# The same two functions, rewritten with type hints:\n", {"temperature": 0}
+    question = f"Question {k}: how should we name the {word} service? Answer:"
+    return f"{SYSTEM}\n\n{question}", {"temperature": 0.7, "seed": k}
+
+
+async def stream(url: str, text: str, sampling: dict[str, Any], tokens: int) -> dict[str, float]:
+    body = {"model": MODEL_ID, "prompt": text, "max_tokens": tokens, "repeat_penalty": 1.0,
+            "stream": True, "stream_options": {"include_usage": True}, **sampling}  # fmt: skip
+    t0, first, n = time.perf_counter(), 0.0, 0
+    async with (
+        httpx.AsyncClient(base_url=url, timeout=300) as client,
+        client.stream("POST", "/v1/completions", json=body) as response,
+    ):
+        response.raise_for_status()
+        async for line in response.aiter_lines():
+            if not line.startswith("data: {"):
+                continue
+            chunk = json.loads(line[6:])
+            if chunk.get("usage"):
+                n = chunk["usage"]["completion_tokens"]
+            if any(c.get("text") for c in chunk.get("choices") or []):
+                first = first or time.perf_counter()
+    return {"ttft_ms": ((first or time.perf_counter()) - t0) * 1e3, "tokens": n}
+
+
+async def load(url: str, kind: str, c: int, rounds: int, tokens: int) -> dict[str, float]:
+    rates, ttft = [], []
+    for r in range(rounds):
+        t0 = time.perf_counter()
+        done = await asyncio.gather(
+            *(stream(url, *prompt(kind, 1000 * c + 10 * r + i), tokens) for i in range(c))
+        )
+        rates.append(sum(d["tokens"] for d in done) / (time.perf_counter() - t0))
+        ttft += [d["ttft_ms"] for d in done]
+    return {"tok_s": statistics.mean(rates), "ttft_ms": statistics.mean(ttft)}
+
+
+def main() -> int:
+    version = importlib.metadata.version("llama-cpp-python")
+    p = argparse.ArgumentParser(description=__doc__.split("\n")[0])
+    p.add_argument(
+        "--llama-server",
+        type=Path,
+        default=ROOT / f"bench/.build/llama-build-{version}/bin/llama-server",
+    )
+    p.add_argument("--models-dir", type=Path, default=Path.home() / ".cache/thoxd-test")
+    p.add_argument("--threads", type=int, default=len(os.sched_getaffinity(0)))
+    p.add_argument("--slots", type=int, default=4)
+    p.add_argument("--rounds", type=int, default=3)
+    p.add_argument("--tokens", type=int, default=128)
+    p.add_argument("--concurrency", type=lambda v: [int(x) for x in v.split(",")], default=[1, 4])
+    p.add_argument("--kinds", type=lambda v: v.split(","), default=["prose", "code", "chat"])
+    p.add_argument("--draft-max", type=int, help="thoxd --draft-max (0: drafts off)")
+    p.add_argument("--json", type=Path)
+    args = p.parse_args()
+    t, n = str(args.threads), args.slots
+    drafts = [] if args.draft_max is None else ["--draft-max", str(args.draft_max)]
+    results: dict[str, Any] = {"machine": machine_info(), "args": vars(args)}
+    with tempfile.TemporaryDirectory(prefix="thoxd-work-") as tmp:
+        port = free_port()
+        cmds = {
+            "thoxd": [sys.executable, "-m", "thoxd", "serve", "--host", "127.0.0.1",
+                      "--port", str(port), "--models-dir", str(args.models_dir),
+                      "--state-dir", tmp, "--threads", t, "--slots", str(n),
+                      "--log-level", "warning", "--default-model", MODEL_ID, *drafts],
+            "llama-server": [str(args.llama_server), "-m", str(args.models_dir / MODEL_FILE),
+                             "--host", "127.0.0.1", "--port", str(port), "-t", t, "-tb", t,
+                             "-np", str(n), "-c", str(N_CTX * n), "--kv-unified", "--swa-full",
+                             "--no-webui"],
+        }  # fmt: skip
+        for name, cmd in cmds.items():
+            print(f"== {name}", flush=True)
+            server = Server(name, cmd, port, Path(tmp) / f"{name}.log")
+            try:
+                server.wait_ready()
+                asyncio.run(stream(server.url, "Warm up: 1, 2, 3,", {"temperature": 0}, 8))
+                results[name] = {
+                    f"{kind} C={c}": asyncio.run(
+                        load(server.url, kind, c, args.rounds, args.tokens)
+                    )
+                    for kind in args.kinds
+                    for c in args.concurrency
+                }
+            finally:
+                server.stop()
+    lines = [
+        "| workload | thoxd tok/s | llama-server tok/s | ratio | thoxd TTFT ms | "
+        "llama-server TTFT ms |",
+        "| - | - | - | - | - | - |",
+    ]
+    for key, a in results["thoxd"].items():
+        b = results["llama-server"][key]
+        lines.append(
+            f"| {key} | {a['tok_s']:.1f} | {b['tok_s']:.1f} | {a['tok_s'] / b['tok_s']:.2f}x | "
+            f"{a['ttft_ms']:.0f} | {b['ttft_ms']:.0f} |"
+        )
+    print("\n".join(lines))
+    if args.json:
+        args.json.write_text(json.dumps({**results, "table": lines}, indent=1, default=str))
+    return 0
+
+
+if __name__ == "__main__":
+    sys.exit(main())
