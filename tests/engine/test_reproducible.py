@@ -164,6 +164,8 @@ def test_a_sliding_window_prefix_comes_back_only_when_whole(
 class _Ctx:
     """Records what laying out asks of the context."""
 
+    sliding_window = False
+
     def __init__(self) -> None:
         self.calls: list[tuple[str, int]] = []
 

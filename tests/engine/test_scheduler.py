@@ -277,3 +277,41 @@ def test_a_cold_prompt_prefills_in_one_step_and_beside_a_stream_in_chunks(
         asyncio.run(scenario())
     finally:
         m.close()
+
+
+def test_a_parked_system_prompt_serves_another_question_on_a_sliding_window_model(
+    gemma_spec: ModelSpec, gemma_file: Path, models_dir: Path
+) -> None:
+    # Gemma 3's window layers: a parked slot's saved state keeps their last 512 cells only, so
+    # a prompt sharing the system prompt but not the question could not use the whole save.
+    m = load_model(gemma_spec, gemma_file, models_dir, draft_max=0)
+    system = "You are a careful assistant. " + " ".join(
+        f"Rule {i}: keep answers short and name the {w}." for i, w in enumerate(["file"] * 60)
+    )
+    n_system = len(m.llama.tokenize(system, add_special=True))
+    assert n_system > 600  # longer than the window
+
+    def gen(text: str, max_tokens: int) -> Generation:
+        tokens = m.llama.tokenize(text, add_special=True)
+        return Generation(prompt=tokens, params=GREEDY, max_tokens=max_tokens)
+
+    async def scenario() -> int:
+        # A stream runs throughout, so idle slots are parked before each step.
+        other = gen("Count: 1, 2, 3, 4, 5,", 400)
+        m.submit(other)
+        first = [gen(f"{system}\nQuestion 11: why?", 2), gen(f"{system}\nQuestion 12: how?", 2)]
+        m.submit(*first)
+        for g in first:
+            await collect(g)
+        third = gen(f"{system}\nQuestion 27: when?", 2)
+        m.submit(third)
+        _, finished = await collect(third)
+        other.cancel()
+        await collect(other)
+        return finished.timings.cache_n
+
+    try:
+        cache_n = asyncio.run(scenario())
+    finally:
+        m.close()
+    assert n_system - 40 <= cache_n < n_system  # the system prompt, not prefilled again

@@ -51,6 +51,8 @@ def test_busy_slots_are_never_picked() -> None:
 class _Ctx:
     """Records what parking asks of the context."""
 
+    sliding_window = False
+
     def __init__(self) -> None:
         self.removed: list[int] = []
 

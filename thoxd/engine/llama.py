@@ -248,6 +248,11 @@ class LlamaContext:
         buf = (ctypes.c_uint8 * len(data)).from_buffer_copy(data)
         return bool(llama_cpp.llama_state_seq_set_data(self.ptr, buf, len(data), seq_id))
 
+    @property
+    def sliding_window(self) -> bool:
+        """Whether some layers attend over a window only (Gemma 3): see seq_covers."""
+        return bool(self.model.n_swa)
+
     def seq_covers(self, seq_id: int, n: int) -> bool:
         """Whether the sequence's cells hold everything a token at position `n` attends to
         before it. A sliding-window model's saved state keeps only the last window's cells of

@@ -4,7 +4,10 @@ cells in host memory.
 
 A parked slot's cells are copied out (`llama_state_seq_get_data`) and removed from the unified
 cache, so each step attends only over the running sequences; admitting a request into it copies
-them back. The scheduler decides when; this module keeps the bookkeeping.
+them back. The scheduler decides when; this module keeps the bookkeeping. On a sliding-window
+model (Gemma 3) a saved state keeps only the last window's cells of the window layers, so a
+prompt that shares less than all of it could not use it; the prefix a parked slot shares with
+another slot (a system prompt) is saved apart too, for the next prompt with another question.
 
 A request admitted alone gets the cache laid out as a fresh context would lay it out (`lay_out`):
 llama.cpp's attention adds up over cells in cell order, in chunks set by the cache's extent, so
@@ -21,6 +24,11 @@ from thoxd.engine.llama import LlamaContext, LlamaModel
 from thoxd.engine.request import Delta, Finished, Generation, Timings
 from thoxd.engine.sampling import GrammarExhausted, Sampler, TokenLogprob
 from thoxd.engine.text import TextAssembler
+
+# Fewest shared tokens worth a second saved copy when a sliding-window slot is parked, and how
+# far short of the shared end that copy ends (see park_idle).
+MIN_HEAD = 32
+HEAD_SLACK = 16
 
 
 @dataclass(eq=False)
@@ -56,6 +64,9 @@ class Slot:
     last_used: float = 0.0
     # `cached` copied out of the cache while this slot is idle and others run (see park_idle).
     parked: bytes | None = None
+    # On a sliding-window model, also its first `head[0]` tokens, the prefix it shares with
+    # another slot (a system prompt), saved apart: see park_idle.
+    head: tuple[int, bytes] | None = None
     # Its cells, while not parked, lie in cells 0.. in position order with no other sequence's
     # in the cache: set by `lay_out` alone, cleared when a request is admitted beside others.
     alone: bool = False
@@ -199,9 +210,15 @@ def claim(slot: Slot, ctx: LlamaContext, prompt: list[int], shared: int) -> int:
     Running.pending)."""
     keep = _keep(prompt, shared)
     if slot.parked is not None:
-        if keep and not ctx.seq_restore(slot.seq_id, slot.parked):
+        saved = slot.parked
+        if slot.head is not None and slot.head[0] <= keep < len(slot.cached):
+            # Cut back below the saved end, the whole save would lack window cells: the
+            # prefix saved apart is whole.
+            keep, saved = slot.head
+            del slot.cached[keep:]
+        if keep and not ctx.seq_restore(slot.seq_id, saved):
             keep = 0
-        slot.parked = None
+        slot.parked = slot.head = None
     trimmed = keep >= len(slot.cached) or ctx.seq_rm(slot.seq_id, keep)
     # Restored, a sliding window's cells are the saved end's last window only: cut back below
     # that end (then or since), the kept tokens may lack cells the next one attends to.
@@ -221,15 +238,38 @@ def park_idle(slots: list[Slot], ctx: LlamaContext, cap: int) -> None:
         return
     for slot in newly:
         slot.parked = ctx.seq_save(slot.seq_id)
+        if ctx.sliding_window:
+            _save_head(slot, slots, ctx)
         ctx.seq_rm(slot.seq_id, -1)
     parked = sorted((s for s in slots if s.parked is not None), key=lambda s: s.last_used)
-    total = sum(len(s.cached) for s in parked)
+    total = sum(_parked_tokens(s) for s in parked)
     for slot in parked:
         if total <= cap:
             break
-        total -= len(slot.cached)
-        slot.parked = None
+        total -= _parked_tokens(slot)
+        slot.parked = slot.head = None
         slot.cached.clear()
+
+
+def _save_head(slot: Slot, slots: list[Slot], ctx: LlamaContext) -> None:
+    """A sliding window's save keeps the last window's cells only, so a prompt that shares less
+    than all of it (the same system prompt, another question) could not use it: the prefix this
+    slot shares with another is saved apart for such prompts. A little short of it, since the
+    next prompt may part a few tokens sooner ("Question 10" shared by this round's prompts,
+    "Question 2" the next round's); a running slot counts by its whole prompt (it may be
+    halfway through prefilling it)."""
+    shared = (
+        common_prefix(slot.cached, s.run.gen.prompt if s.run else s.cached)
+        for s in slots
+        if s is not slot
+    )
+    head = max(shared, default=0) - HEAD_SLACK
+    if MIN_HEAD <= head < len(slot.cached) - 1 and ctx.seq_rm(slot.seq_id, head):
+        slot.head = (head, ctx.seq_save(slot.seq_id))
+
+
+def _parked_tokens(slot: Slot) -> int:
+    return len(slot.cached) + (slot.head[0] if slot.head is not None else 0)
 
 
 def lay_out(
