@@ -119,7 +119,7 @@ def fork_setup(leader_cached: list[int], leader_pending: list[int] | None) -> tu
     if leader_pending is not None:
         leader.run = Fake(gen=lead_gen, pending=leader_pending)  # type: ignore[assignment]
     fork = Slot(seq_id=1)
-    fork.run = Fake(gen=gen, pending=[], cache_n=0)  # type: ignore[assignment]
+    fork.run = Fake(gen=gen, pending=[], cache_n=0, follows=lead_gen)  # type: ignore[assignment]
     return gen, leader, fork
 
 
@@ -169,8 +169,47 @@ def test_a_fork_that_ended_while_waiting_is_forgotten() -> None:
 def test_only_a_fork_whose_slot_lacks_the_prompt_waits() -> None:
     lead_gen = Fake(prompt=PROMPT)
     leader = Slot(seq_id=0)
-    leader.run = Fake(gen=lead_gen)  # type: ignore[assignment]
+    leader.run = Fake(gen=lead_gen, follows=None)  # type: ignore[assignment]
     gen = Fake(prompt=PROMPT, fork_of=lead_gen)
     assert leader_of([leader], gen, 0) is leader  # type: ignore[arg-type]
     assert leader_of([leader], gen, len(PROMPT) - 1) is None  # type: ignore[arg-type]
     assert leader_of([leader], Fake(prompt=PROMPT, fork_of=None), 0) is None  # type: ignore[arg-type]
+
+
+# -- prompts that start alike ----------------------------------------------------------------
+
+SYSTEM = "You answer questions about the project. " + " ".join(
+    f"Note {i}: the module m{i} keeps its state local." for i in range(30)
+)
+
+
+def test_prompts_sent_together_with_one_system_prompt_prefill_it_once(model: LoadedModel) -> None:
+    def gen(question: str) -> Generation:
+        tokens = model.llama.tokenize(f"{SYSTEM}\nQ: {question}\nA:", add_special=True)
+        return Generation(prompt=tokens, params=SamplingParams(temperature=0.0), max_tokens=4)
+
+    async def main() -> tuple[list[Generation], list[tuple[str, Any]]]:
+        gens = [gen("what is m1?"), gen("where is m2?"), gen("why m3?")]
+        return gens, await run_all(model, gens)
+
+    shared = len(model.llama.tokenize(f"{SYSTEM}\nQ:", add_special=True))
+    assert shared > 200
+    gens, results = asyncio.run(main())
+    first, *others = [finished.timings for _, finished in results]
+    assert first.cache_n == 0 and first.prompt_n == len(gens[0].prompt)
+    for timings, g in zip(others, gens[1:], strict=True):
+        # The system prompt's cells came from the first request; only the question prefilled.
+        assert shared - 2 <= timings.cache_n < len(g.prompt)
+        assert timings.prompt_n == len(g.prompt) - timings.cache_n
+
+
+def test_a_prompt_follows_the_running_one_it_shares_the_most_with() -> None:
+    short_gen, long_gen = Fake(prompt=[1, *range(100, 180)]), Fake(prompt=[1, *range(100, 300)])
+    a, b = Slot(seq_id=0), Slot(seq_id=1)
+    a.run = Fake(gen=short_gen, follows=None)  # type: ignore[assignment]
+    b.run = Fake(gen=long_gen, follows=None)  # type: ignore[assignment]
+    gen = Fake(prompt=[1, *range(100, 250), 7, 8], fork_of=None)
+    assert leader_of([a, b], gen, 0) is b  # type: ignore[arg-type]
+    # Not when the idle slot it got holds nearly as much, nor for a short shared start.
+    assert leader_of([a, b], gen, 120) is None  # type: ignore[arg-type]
+    assert leader_of([a], Fake(prompt=[1, 100, 101, 5], fork_of=None), 0) is None  # type: ignore[arg-type]

@@ -270,6 +270,7 @@ class Scheduler:
             # A fresh record: what a lone request drafts (and so which kernels its logits come
             # from) never depends on the requests before it.
             acceptance=Acceptance(self._draft_max + 1),
+            follows=leader.run.gen if leader is not None and leader.run is not None else None,
         )
 
     def _reap_cancelled(self) -> None:

@@ -51,6 +51,8 @@ class Running:
     acceptance: Acceptance
     first_token_at: float = 0.0
     generated: int = 0
+    # The request whose prefilled cells this one copies (thoxd.engine.forks), if any.
+    follows: Generation | None = None
     draft_n: int = 0  # drafted tokens checked
     draft_accepted: int = 0  # of which the request's own sampling picked
 
