@@ -103,9 +103,9 @@ class Settings(BaseSettings):
         256,
         ge=32,
         le=8192,
-        description="The prefill chunk that shares a step with running streams (256 halves "
-        "their worst stall against 512, same prefill speed); a prompt arriving at an idle model "
-        "prefills up to 2048 tokens a step, as llama-server does.",
+        description="The prefill chunk of a step (256 halves running streams' worst stall "
+        "against 512, same prefill speed on a CPU); a model offloaded to a GPU prefills a prompt "
+        "running alone up to 2048 tokens a step, as llama-server does.",
     )
     draft_max: int = Field(
         15,

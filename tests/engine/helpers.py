@@ -25,6 +25,7 @@ def load_model(
     draft_max: int = 15,
     faults: Faults | None = None,
     stop_timeout: float = 10.0,
+    cold_batch: int = 0,
 ) -> LoadedModel:
     # As in the daemon: llama.cpp logs through our router, also while contexts are freed.
     route_llama_logs()
@@ -37,6 +38,7 @@ def load_model(
         draft_max=draft_max,
         faults=faults or Faults(),
         stop_timeout=stop_timeout,
+        cold_batch=cold_batch,
     )
     return LoadedModel(spec, model_file, config)
 

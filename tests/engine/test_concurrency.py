@@ -177,8 +177,9 @@ def test_prompts_arriving_together_get_first_tokens_one_prefill_apart(model: Loa
         return list(await asyncio.gather(*tasks))
 
     times = asyncio.run(scenario())
-    assert times == sorted(times)
-    # Each of the three 60-token prompts takes a prefill step of its own (~60 ms here); packed
-    # into one step, the three would get their first tokens from the same step, together.
-    gaps = [b - a for a, b in itertools.pairwise(times)]
+    assert times[0] == min(times)  # the long prompt's own prefill was done first
+    # Each of the three 60-token prompts takes a prefill step of its own (~60 ms here; the one
+    # with the fewest tokens left first, so their order may differ from arrival); packed into
+    # one step, the three would get their first tokens from the same step, together.
+    gaps = [b - a for a, b in itertools.pairwise(sorted(times))]
     assert min(gaps) > 0.015, gaps

@@ -235,7 +235,15 @@ def test_a_cold_prompt_prefills_in_one_step_and_beside_a_stream_in_chunks(
     default_spec: ModelSpec, model_file: Path, models_dir: Path
 ) -> None:
     steps = StepSizes()
-    m = load_model(default_spec, model_file, models_dir, batch_size=256, draft_max=0, faults=steps)
+    m = load_model(
+        default_spec,
+        model_file,
+        models_dir,
+        batch_size=256,
+        draft_max=0,
+        faults=steps,
+        cold_batch=2048,  # the default with GPU offload; on a CPU batch_size is the cold step
+    )
     long_prompt = " ".join(f"word{i % 50}" for i in range(700))  # about 1400 tokens
 
     async def scenario() -> None:
@@ -315,3 +323,38 @@ def test_a_parked_system_prompt_serves_another_question_on_a_sliding_window_mode
     finally:
         m.close()
     assert n_system - 40 <= cache_n < n_system  # the system prompt, not prefilled again
+
+
+def test_a_short_prompt_does_not_wait_for_a_long_prompts_whole_prefill(
+    default_spec: ModelSpec, model_file: Path, models_dir: Path
+) -> None:
+    steps = StepSizes()
+    m = load_model(default_spec, model_file, models_dir, batch_size=64, draft_max=0, faults=steps)
+    long_prompt = " ".join(f"item{i % 40}" for i in range(400))  # ~800 tokens: 12+ chunks
+
+    async def scenario() -> tuple[int, int, int]:
+        long = Generation(
+            prompt=m.llama.tokenize(long_prompt, add_special=True), params=GREEDY, max_tokens=1
+        )
+        m.submit(long)
+        for _ in range(2000):  # until it is two chunks in (bounded; nothing here is timed)
+            if len(steps.sizes) >= 2:
+                break
+            await asyncio.sleep(0.002)
+        short = Generation(
+            prompt=m.llama.tokenize("Hi", add_special=True), params=GREEDY, max_tokens=1
+        )
+        m.submit(short)
+        submitted = len(steps.sizes)
+        await collect(short)
+        short_done = len(steps.sizes)
+        await collect(long)
+        return submitted, short_done, len(steps.sizes)
+
+    try:
+        submitted, short_done, long_done = asyncio.run(scenario())
+    finally:
+        m.close()
+    assert long_done - submitted > 8  # the long prompt was still prefilling when "Hi" came
+    # "Hi" joined the next steps (the one running as it came, and one more), not the prefill's end.
+    assert short_done - submitted <= 3

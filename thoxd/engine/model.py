@@ -18,7 +18,13 @@ from thoxd.catalog.entries import ModelSpec
 from thoxd.engine.embed import Embedder
 from thoxd.engine.faults import Faults
 from thoxd.engine.grammar import Grammar, GrammarInvalid
-from thoxd.engine.llama import ContextConfig, LlamaContext, LlamaLoadError, LlamaModel
+from thoxd.engine.llama import (
+    ContextConfig,
+    LlamaContext,
+    LlamaLoadError,
+    LlamaModel,
+    supports_gpu_offload,
+)
 from thoxd.engine.memory import MemoryEstimate
 from thoxd.engine.request import Embedding, Finished, Generation
 from thoxd.engine.sampling import GrammarSpec
@@ -54,17 +60,21 @@ class EngineConfig:
     stop_timeout: float = 10.0  # seconds an engine thread may take to stop before it is left
     client_cap: int = 0  # most slots one client holds while others are served; 0: no cap
 
-    @property
-    def cold_batch(self) -> int:
-        """Most prompt tokens in one step while no other sequence decodes: llama-server's
-        n_batch, so a prompt arriving at an idle model prefills as fast as llama.cpp can
-        (`batch_size` stays the chunk that shares a step with running streams)."""
-        return max(self.batch_size, COLD_BATCH)
+    # Most prompt tokens in one step while the prompt is the only sequence running; 0: 2048
+    # (llama-server's n_batch) for a model offloaded to a GPU, where big batches pay, and
+    # `batch_size` on a CPU, where they prefill no faster (bench/RESULTS.md, cold_prefill.py)
+    # and only make a request arriving meanwhile wait for the whole step.
+    cold_batch: int = 0
 
-    @property
-    def ubatch(self) -> int:
-        """llama.cpp's micro-batch: what one graph computes (llama-server's default, 512)."""
-        return max(self.batch_size, UBATCH)
+    def batches(self, spec: ModelSpec) -> tuple[int, int]:
+        """The context's n_batch (the cold step) and n_ubatch (what one graph computes, at
+        most llama-server's default of 512 beyond batch_size) for a model."""
+        offloaded = spec.n_gpu_layers != 0 and supports_gpu_offload()
+        if self.cold_batch:
+            n_batch = max(self.batch_size, self.cold_batch)
+        else:
+            n_batch = max(self.batch_size, COLD_BATCH) if offloaded else self.batch_size
+        return n_batch, min(n_batch, max(self.batch_size, UBATCH))
 
     @property
     def max_outputs(self) -> int:
@@ -92,6 +102,7 @@ class LoadedModel:
         self._users = 0
         self._config = config
         self.llama = LlamaModel(path, n_gpu_layers=spec.n_gpu_layers)
+        n_batch, n_ubatch = config.batches(spec)
         try:
             self._ctx = LlamaContext(
                 self.llama,
@@ -100,8 +111,8 @@ class LoadedModel:
                     # is never cut short because others are using the cache.
                     n_ctx=spec.n_ctx * config.slots,
                     n_seq_max=config.slots,
-                    n_batch=config.cold_batch,
-                    n_ubatch=config.ubatch,
+                    n_batch=n_batch,
+                    n_ubatch=n_ubatch,
                     n_threads=config.threads,
                     max_outputs=config.max_outputs,
                     max_outputs_per_seq=config.draft_max + 1,

@@ -240,7 +240,7 @@ class Engine:
             n_ctx=spec.n_ctx,
             slots=self.config.slots,
             outputs=self.config.max_outputs,
-            batch_size=self.config.ubatch,
+            batch_size=self.config.batches(spec)[1],
             embeddings="embeddings" in spec.capabilities,
             embed_batch=EMBED_BATCH,
         )

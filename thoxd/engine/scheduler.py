@@ -1,8 +1,8 @@
 """The step loop: one thread owns a model's llama context and decodes for N sequence slots.
 
 Each step builds one batch: one token for every sequence that is generating, then a chunk of one
-prompt still being prefilled (plus any with a few tokens left), up to `batch_size` tokens while
-others decode and the whole `n_batch` (2048, llama-server's) when none does; a single
+prompt still being prefilled, the one with the least left (plus any with a few tokens left), up
+to `batch_size` tokens (with GPU offload, up to 2048 for a prompt running alone); a single
 `llama_decode` runs it, and each sequence whose logits came out samples its next token. Waiting
 requests are admitted in FIFO order as slots free up, each into the idle slot whose cached tokens
 share the longest prefix with its prompt, so only the rest of the prompt is prefilled.
@@ -52,6 +52,7 @@ from thoxd.engine.sampling import Sampler
 from thoxd.engine.slots import (
     Running,
     Slot,
+    add_prefills,
     advance,
     claim,
     draft_plan,
@@ -67,7 +68,6 @@ logger = logging.getLogger("thoxd.engine")
 
 # Prompt tokens left below which a prompt shares a step with another prompt's prefill: about
 # where its prefill costs as much as the step it would otherwise wait for (~1 ms a token here).
-SHORT_PREFILL = 16
 # Failed steps in a row after which the model is given up on (each one re-creates the context).
 MAX_FAILURES = 3
 
@@ -308,32 +308,10 @@ class Scheduler:
             rows = [batch.add(t, start + k, slot.seq_id, logits=True) for k, t in enumerate(tokens)]
             outputs.append((slot, rows, guesses[:n]))
             slot.cached.extend(tokens)
-        # Prefill in admission order, in chunks that fit what the batch has left, so a long
-        # prompt shares steps with the streams already running instead of stalling them. One
-        # prompt per step: on a CPU prefill costs the same per token however prompts are packed,
-        # so packing several only holds all their first tokens back until the last is done.
-        # A prompt with few tokens left (a prefix-cache hit) still joins: it saves a whole step.
-        # Cold (nothing decodes): the whole batch, as llama-server prefills.
-        limit = batch.capacity if not decoding else min(batch.capacity, self._shared_batch)
-        prefilling = False
-        for slot in sorted(running, key=lambda s: s.run.admitted_at if s.run else 0.0):
-            run = slot.run
-            room = limit - batch.n_tokens
-            if run is None or not run.pending or room <= 0:
-                continue
-            if prefilling and len(run.pending) > SHORT_PREFILL:
-                continue
-            prefilling = True
-            chunk, run.pending = run.pending[:room], run.pending[room:]
-            if run.fused and not run.pending:  # the prompt ends here: its last token samples
-                batch.add_sequence(chunk[:-1], len(slot.cached), slot.seq_id)
-                index = batch.add(
-                    chunk[-1], len(slot.cached) + len(chunk) - 1, slot.seq_id, logits=True
-                )
-                outputs.append((slot, [index], []))
-            else:
-                batch.add_sequence(chunk, len(slot.cached), slot.seq_id)
-            slot.cached.extend(chunk)
+        # The whole batch (the cold step, see EngineConfig.cold_batch) only for a prompt
+        # running alone; beside others, chunks of batch_size.
+        limit = batch.capacity if len(running) == 1 else min(batch.capacity, self._shared_batch)
+        outputs += add_prefills(running, batch, limit)
         rc = self._faults.decode(self._name, batch.n_tokens)
         if rc is None:
             rc = self._ctx.decode(batch)

@@ -20,11 +20,13 @@ import time
 from dataclasses import dataclass, field
 
 from thoxd.engine.drafts import Acceptance, Lookup, StepCosts, propose
-from thoxd.engine.llama import LlamaContext, LlamaModel
+from thoxd.engine.llama import Batch, LlamaContext, LlamaModel
 from thoxd.engine.request import Delta, Finished, Generation, Timings
 from thoxd.engine.sampling import GrammarExhausted, Sampler, TokenLogprob
 from thoxd.engine.text import TextAssembler
 
+# A prompt with this many tokens or fewer left to prefill joins a step beside another's chunk.
+SHORT_PREFILL = 16
 # Fewest shared tokens worth a second saved copy when a sliding-window slot is parked, and how
 # far short of the shared end that copy ends (see park_idle).
 MIN_HEAD = 32
@@ -313,6 +315,49 @@ def lay_out(
     park_idle(others, ctx, cap)
     ctx.clear(data=False)  # also takes the cache's next cell back to 0
     slot.alone = True
+
+
+def add_prefills(
+    running: list[Slot], batch: Batch, limit: int
+) -> list[tuple[Slot, list[int], list[int]]]:
+    """Fill the step's batch, up to `limit` tokens, with prompt chunks; the output rows of
+    prompts that end here (fused: their last token samples in this step).
+
+    In chunks, so a long prompt shares steps with the streams already running instead of
+    stalling them. One prompt per step, the one with the least left to prefill (then the
+    oldest): on a CPU prefill costs the same per token however prompts are packed, so packing
+    several only holds all their first tokens back until the last is done, and least-left-first
+    gives the lowest mean time to first token: a chat message that arrives while a 4000-token
+    prompt prefills is answered after its own few tokens, not after the other's prefill.
+    Prompts with SHORT_PREFILL tokens or fewer left (a prefix-cache hit) join that step too:
+    each saves a whole step."""
+    outputs: list[tuple[Slot, list[int], list[int]]] = []
+    long_taken = False
+    for slot in sorted(running, key=_prefill_order):
+        run = slot.run
+        room = limit - batch.n_tokens
+        if run is None or not run.pending or room <= 0:
+            continue
+        if len(run.pending) > SHORT_PREFILL:
+            if long_taken:
+                continue
+            long_taken = True
+        chunk, run.pending = run.pending[:room], run.pending[room:]
+        if run.fused and not run.pending:  # the prompt ends here: its last token samples
+            batch.add_sequence(chunk[:-1], len(slot.cached), slot.seq_id)
+            index = batch.add(
+                chunk[-1], len(slot.cached) + len(chunk) - 1, slot.seq_id, logits=True
+            )
+            outputs.append((slot, [index], []))
+        else:
+            batch.add_sequence(chunk, len(slot.cached), slot.seq_id)
+        slot.cached.extend(chunk)
+    return outputs
+
+
+def _prefill_order(slot: Slot) -> tuple[int, float]:
+    run = slot.run
+    return (len(run.pending), run.admitted_at) if run is not None else (0, 0.0)
 
 
 def draft_plan(
