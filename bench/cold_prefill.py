@@ -12,17 +12,15 @@ from __future__ import annotations
 
 import argparse
 import asyncio
-import importlib.metadata
 import json
-import os
 import statistics
 import sys
-import tempfile
 from pathlib import Path
 from typing import Any
 
-from concurrency import MODEL_FILE, MODEL_ID, N_CTX, ROOT, Server, code_prefix, complete, free_port
+from concurrency import code_prefix, complete
 from concurrency import machine as machine_info
+from sides import add_server_args, each_side
 
 FUNC_TOKENS = 72  # about what one code_prefix function costs in Gemma 3 tokens
 
@@ -36,46 +34,21 @@ async def cold_runs(url: str, size: int, reps: int, seed: int) -> list[dict[str,
 
 
 def main() -> int:
-    version = importlib.metadata.version("llama-cpp-python")
     p = argparse.ArgumentParser(description=__doc__.split("\n")[0])
-    p.add_argument(
-        "--llama-server",
-        type=Path,
-        default=ROOT / f"bench/.build/llama-build-{version}/bin/llama-server",
-    )
-    p.add_argument("--models-dir", type=Path, default=Path.home() / ".cache/thoxd-test")
-    p.add_argument("--threads", type=int, default=len(os.sched_getaffinity(0)))
-    p.add_argument("--slots", type=int, default=4)
+    add_server_args(p)
     p.add_argument("--sizes", type=lambda v: [int(x) for x in v.split(",")], default=[1000, 4000])
     p.add_argument("--reps", type=int, default=4)
     p.add_argument("--json", type=Path)
     args = p.parse_args()
-    model = args.models_dir / MODEL_FILE
-    t, n = str(args.threads), args.slots
+
+    def measure(url: str) -> dict[int, list[dict[str, Any]]]:
+        asyncio.run(complete(url, "Warm up: 1, 2, 3,", 4))
+        return {
+            size: asyncio.run(cold_runs(url, size, args.reps, 5000 + size)) for size in args.sizes
+        }
+
     results: dict[str, Any] = {"machine": machine_info(), "args": vars(args)}
-    with tempfile.TemporaryDirectory(prefix="thoxd-cold-") as tmp:
-        port = free_port()
-        cmds = {
-            "thoxd": [sys.executable, "-m", "thoxd", "serve", "--host", "127.0.0.1",
-                      "--port", str(port), "--models-dir", str(args.models_dir),
-                      "--state-dir", tmp, "--threads", t, "--slots", str(n),
-                      "--log-level", "warning", "--default-model", MODEL_ID],
-            "llama-server": [str(args.llama_server), "-m", str(model), "--host", "127.0.0.1",
-                             "--port", str(port), "-t", t, "-tb", t, "-np", str(n),
-                             "-c", str(N_CTX * n), "--kv-unified", "--swa-full", "--no-webui"],
-        }  # fmt: skip
-        for name, cmd in cmds.items():
-            print(f"== {name}", flush=True)
-            server = Server(name, cmd, port, Path(tmp) / f"{name}.log")
-            try:
-                server.wait_ready()
-                asyncio.run(complete(server.url, "Warm up: 1, 2, 3,", 4))
-                results[name] = {
-                    size: asyncio.run(cold_runs(server.url, size, args.reps, 5000 + size))
-                    for size in args.sizes
-                }
-            finally:
-                server.stop()
+    results.update(each_side(args, measure))
     lines = [
         "| prompt tokens | thoxd TTFT ms (mean / min) | llama-server TTFT ms (mean / min) "
         "| thoxd / llama-server (mean) |",

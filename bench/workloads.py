@@ -18,19 +18,17 @@ from __future__ import annotations
 
 import argparse
 import asyncio
-import importlib.metadata
 import json
-import os
 import statistics
 import sys
-import tempfile
 import time
 from pathlib import Path
 from typing import Any
 
 import httpx
-from concurrency import MODEL_FILE, MODEL_ID, N_CTX, ROOT, WORDS, Server, code_prefix, free_port
+from concurrency import MODEL_ID, WORDS, code_prefix
 from concurrency import machine as machine_info
+from sides import add_server_args, each_side
 
 RULES = (
     f"Rule {i}: prefer {w} solutions that keep {w} data local." for i, w in enumerate(WORDS * 6)
@@ -83,53 +81,25 @@ async def load(url: str, kind: str, c: int, rounds: int, tokens: int) -> dict[st
 
 
 def main() -> int:
-    version = importlib.metadata.version("llama-cpp-python")
     p = argparse.ArgumentParser(description=__doc__.split("\n")[0])
-    p.add_argument(
-        "--llama-server",
-        type=Path,
-        default=ROOT / f"bench/.build/llama-build-{version}/bin/llama-server",
-    )
-    p.add_argument("--models-dir", type=Path, default=Path.home() / ".cache/thoxd-test")
-    p.add_argument("--threads", type=int, default=len(os.sched_getaffinity(0)))
-    p.add_argument("--slots", type=int, default=4)
+    add_server_args(p)
     p.add_argument("--rounds", type=int, default=3)
     p.add_argument("--tokens", type=int, default=128)
     p.add_argument("--concurrency", type=lambda v: [int(x) for x in v.split(",")], default=[1, 4])
     p.add_argument("--kinds", type=lambda v: v.split(","), default=["prose", "code", "chat"])
-    p.add_argument("--draft-max", type=int, help="thoxd --draft-max (0: drafts off)")
     p.add_argument("--json", type=Path)
     args = p.parse_args()
-    t, n = str(args.threads), args.slots
-    drafts = [] if args.draft_max is None else ["--draft-max", str(args.draft_max)]
+
+    def measure(url: str) -> dict[str, dict[str, float]]:
+        asyncio.run(stream(url, "Warm up: 1, 2, 3,", {"temperature": 0}, 8))
+        return {
+            f"{kind} C={c}": asyncio.run(load(url, kind, c, args.rounds, args.tokens))
+            for kind in args.kinds
+            for c in args.concurrency
+        }
+
     results: dict[str, Any] = {"machine": machine_info(), "args": vars(args)}
-    with tempfile.TemporaryDirectory(prefix="thoxd-work-") as tmp:
-        port = free_port()
-        cmds = {
-            "thoxd": [sys.executable, "-m", "thoxd", "serve", "--host", "127.0.0.1",
-                      "--port", str(port), "--models-dir", str(args.models_dir),
-                      "--state-dir", tmp, "--threads", t, "--slots", str(n),
-                      "--log-level", "warning", "--default-model", MODEL_ID, *drafts],
-            "llama-server": [str(args.llama_server), "-m", str(args.models_dir / MODEL_FILE),
-                             "--host", "127.0.0.1", "--port", str(port), "-t", t, "-tb", t,
-                             "-np", str(n), "-c", str(N_CTX * n), "--kv-unified", "--swa-full",
-                             "--no-webui"],
-        }  # fmt: skip
-        for name, cmd in cmds.items():
-            print(f"== {name}", flush=True)
-            server = Server(name, cmd, port, Path(tmp) / f"{name}.log")
-            try:
-                server.wait_ready()
-                asyncio.run(stream(server.url, "Warm up: 1, 2, 3,", {"temperature": 0}, 8))
-                results[name] = {
-                    f"{kind} C={c}": asyncio.run(
-                        load(server.url, kind, c, args.rounds, args.tokens)
-                    )
-                    for kind in args.kinds
-                    for c in args.concurrency
-                }
-            finally:
-                server.stop()
+    results.update(each_side(args, measure))
     lines = [
         "| workload | thoxd tok/s | llama-server tok/s | ratio | thoxd TTFT ms | "
         "llama-server TTFT ms |",
