@@ -167,7 +167,7 @@ def test_mcp_tool_calls_count_against_the_key(box: Box) -> None:
                 results.append(result.is_error)
                 if result.is_error:
                     assert "Rate limit reached" in str(result.content)
-                    assert "Retry after" in str(result.content)
+                    assert "Retry in" in str(result.content)
             return results
 
     assert asyncio.run(session()) == [False, False, True]

@@ -113,13 +113,6 @@ class KeyStore:
             ).fetchall()
         return [_record(row) for row in rows]
 
-    def get(self, key_id: str) -> KeyRecord | None:
-        with self.db.connect() as db:
-            row = db.execute(
-                f"SELECT {_COLUMNS} FROM keys WHERE id = ? AND revoked IS NULL", (key_id,)
-            ).fetchone()
-        return _record(row) if row else None
-
     def revoke(self, key_id: str) -> bool:
         """False when there is no such key in force. The row stays (its usage keeps a name)."""
         with self.db.connect() as db:

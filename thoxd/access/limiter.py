@@ -89,11 +89,10 @@ class Limiter:
                 if refused is windows.burst
                 else f"{rpm} requests per minute"
             )
-            retry = max(1, math.ceil(wait.reset_time - now))
             raise RateLimitExceeded(
-                f"Rate limit reached: {reached}. Retry after {retry} s.",
+                f"Rate limit reached: {reached}.",
                 kind="requests",
-                retry_after=retry,
+                retry_after=max(1, math.ceil(wait.reset_time - now)),
                 limit_headers=headers,
             )
         return headers

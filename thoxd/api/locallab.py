@@ -23,20 +23,17 @@ Errors are `{"detail": "message"}` (thoxd/api/dialects.py), a prompt too long fo
 
 from __future__ import annotations
 
-from collections.abc import AsyncIterator
 from typing import Any
 
 from pydantic import Field
 from starlette.requests import Request
-from starlette.responses import JSONResponse, Response, StreamingResponse
+from starlette.responses import JSONResponse, Response
 from starlette.routing import Route
 
-from thoxd.api.plain import collect, pieces
+from thoxd.api.plain import collect, streamed
 from thoxd.api.schemas import CompletionRequest, RequestBody, parse
-from thoxd.api.serving import SSE_HEADERS
 from thoxd.api.start import Started, start_completion
 from thoxd.engine import Engine
-from thoxd.errors import ThoxdError
 from thoxd.guards.access import caller_of
 from thoxd.guards.shutdown import Shutdown
 
@@ -94,10 +91,9 @@ class LocalLabRoutes:
         body = parse(Generate, await request.body())
         started = await self._start(request, body, body.prompt)
         if body.stream:
-            return StreamingResponse(
-                self._stream(started, body.max_time),
-                media_type="text/event-stream",
-                headers=SSE_HEADERS,
+            # An error after the start is `data: Error: message`: what locallab-client reads.
+            return streamed(
+                started, self.shutdown, body.max_time, sse_text, lambda m: sse_text(f"Error: {m}")
             )
         texts = await collect(request, started, self.shutdown, body.max_time)
         if texts is None:
@@ -118,15 +114,6 @@ class LocalLabRoutes:
             CompletionRequest, {**body.openai_fields(self.default_model), "prompt": prompt}
         )
         return await start_completion(self.engine, completion, caller_of(request), turns=True)
-
-    async def _stream(self, started: Started, max_time: float | None) -> AsyncIterator[str]:
-        try:
-            async for piece in pieces(started, self.shutdown, max_time):
-                if isinstance(piece, str):
-                    yield sse_text(piece)
-            yield "data: [DONE]\n\n"
-        except ThoxdError as exc:
-            yield sse_text(f"Error: {exc.message}")  # what locallab-client looks for
 
 
 def sse_text(text: str) -> str:

@@ -298,9 +298,7 @@ class ThoxTools:
 
 def _shown(error: ThoxdError) -> str:
     retry = error.headers.get("Retry-After")  # busy (503) or over a rate limit (429)
-    if retry is None or "Retry after" in error.message:
-        return error.message
-    return f"{error.message} Retry in {retry} s."
+    return f"{error.message} Retry in {retry} s." if retry else error.message
 
 
 def _fenced(code: str, language: str | None) -> str:

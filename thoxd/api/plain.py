@@ -1,5 +1,5 @@
 """Generations read as plain text, for the seed routes (thoxd/api/locallab.py, rox.py): the
-whole text of each, or the pieces of one as they come. Their dialects only differ in how they
+whole text of each, or the first one streamed as SSE. Their dialects only differ in how they
 frame the text and the errors.
 """
 
@@ -10,10 +10,12 @@ from collections.abc import AsyncIterator, Callable
 from dataclasses import dataclass
 
 from starlette.requests import Request
+from starlette.responses import StreamingResponse
 
-from thoxd.api.serving import merged_events, unless_gone
+from thoxd.api.serving import SSE_HEADERS, merged_events, unless_gone
 from thoxd.api.start import Started
 from thoxd.engine import Delta, Failed, Finished
+from thoxd.errors import ThoxdError
 from thoxd.guards.shutdown import Shutdown, shutting_down
 
 
@@ -74,26 +76,35 @@ async def collect(
         stop_clock()
 
 
-async def pieces(
-    started: Started, shutdown: Shutdown, max_time: float | None = None
-) -> AsyncIterator[str | Finished]:
-    """The first generation's text as it comes, then its Finished; the engine's error (or, past
-    the shutdown's grace period, shutting_down) is raised. Cancels the generation however the
-    caller stops reading."""
-    forget = shutdown.at_end(started.cancel)
-    stop_clock = _time_limit(started, max_time)
-    try:
-        async for event in started.generations[0].events():
-            if isinstance(event, Delta):
-                if event.text:
-                    yield event.text
-            elif isinstance(event, Failed):
-                raise event.error
-            elif event.finish_reason == "cancelled" and shutdown.ended:
-                raise shutting_down()
-            else:
-                yield event
-    finally:
-        stop_clock()
-        started.cancel()
-        forget()
+def streamed(
+    started: Started,
+    shutdown: Shutdown,
+    max_time: float | None,
+    frame: Callable[[str], str],
+    frame_error: Callable[[str], str],
+) -> StreamingResponse:
+    """The first generation's text as SSE: each piece framed by `frame`, then `data: [DONE]`;
+    an error after the start (the engine's, or shutting_down past the grace period) framed by
+    `frame_error` instead. The generation is cancelled however the stream ends."""
+
+    async def events() -> AsyncIterator[str]:
+        forget = shutdown.at_end(started.cancel)
+        stop_clock = _time_limit(started, max_time)
+        try:
+            async for event in started.generations[0].events():
+                if isinstance(event, Delta):
+                    if event.text:
+                        yield frame(event.text)
+                elif isinstance(event, Failed):
+                    raise event.error
+                elif event.finish_reason == "cancelled" and shutdown.ended:
+                    raise shutting_down()
+            yield "data: [DONE]\n\n"
+        except ThoxdError as exc:
+            yield frame_error(exc.message)
+        finally:
+            stop_clock()
+            started.cancel()
+            forget()
+
+    return StreamingResponse(events(), media_type="text/event-stream", headers=SSE_HEADERS)

@@ -16,8 +16,9 @@ import secrets
 from collections.abc import Iterable
 from typing import Any, Literal
 
-from pydantic import BaseModel, ConfigDict, Field, field_validator
+from pydantic import Field, field_validator
 
+from thoxd.api.schemas import Body
 from thoxd.errors import InvalidRequest, UnsupportedParameter
 
 Item = dict[str, Any]
@@ -32,11 +33,7 @@ _REQUIRED = {
 }
 
 
-class _Body(BaseModel):
-    model_config = ConfigDict(extra="ignore", strict=True, frozen=True)
-
-
-class ContentPart(_Body):
+class ContentPart(Body):
     type: str = Field(max_length=64)
     text: str | None = None
     refusal: str | None = None  # an assistant's refusal part
@@ -47,7 +44,7 @@ def _as_parts(value: Any) -> Any:
     return [{"type": "input_text", "text": value}] if isinstance(value, str) else value
 
 
-class InputItem(_Body):
+class InputItem(Body):
     """Any item: which fields it needs depends on its `type`, checked by `normal_items`, so
     that a wrong field is named as `input[i].field` whatever the item's type."""
 

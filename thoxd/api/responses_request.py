@@ -17,11 +17,11 @@ import re
 from collections.abc import Iterator
 from typing import Annotated, Any, Literal
 
-from pydantic import BaseModel, ConfigDict, Field, field_validator, model_validator
+from pydantic import Field, field_validator, model_validator
 
 from thoxd.api import unsupported
 from thoxd.api.responses_items import InputItem
-from thoxd.api.schemas import ChatRequest, parse
+from thoxd.api.schemas import MAX_TOKENS_BOUND, Body, ChatRequest, parse
 from thoxd.catalog.entries import SamplingDefaults
 from thoxd.errors import InvalidRequest, UnsupportedParameter
 
@@ -53,15 +53,10 @@ EXTENSIONS = (
     "stop",
     "keep_alive",
 )
-_MAX_TOKENS_BOUND = 1 << 31
 _NAME = r"^[A-Za-z0-9_-]+$"
 
 
-class _Body(BaseModel):
-    model_config = ConfigDict(extra="ignore", strict=True, frozen=True)
-
-
-class FunctionTool(_Body):
+class FunctionTool(Body):
     """A tool in the Responses shape (flat: `name` beside `type`). Only functions are served."""
 
     type: str = Field(max_length=64)
@@ -76,12 +71,12 @@ class FunctionTool(_Body):
     output_schema: dict[str, Any] | None = None
 
 
-class ToolChoiceObject(_Body):
+class ToolChoiceObject(Body):
     type: str = Field(max_length=64)
     name: str | None = Field(None, min_length=1, max_length=64)
 
 
-class TextFormat(_Body):
+class TextFormat(Body):
     type: Literal["text", "json_object", "json_schema"]
     name: str = Field("response", min_length=1, max_length=64, pattern=_NAME)
     description: str | None = None
@@ -89,25 +84,25 @@ class TextFormat(_Body):
     strict: bool | None = None
 
 
-class TextConfig(_Body):
+class TextConfig(Body):
     format: TextFormat | None = None
     verbosity: Literal["low", "medium", "high"] | None = None
 
 
-class StreamOptions(_Body):
+class StreamOptions(Body):
     include_obfuscation: bool = False
 
 
 Metadata = dict[Annotated[str, Field(max_length=64)], Annotated[str, Field(max_length=512)]]
 
 
-class ResponsesRequest(_Body):
+class ResponsesRequest(Body):
     model: str = Field(min_length=1, max_length=256)
     input: list[InputItem] | None = Field(None, max_length=4096)
     instructions: str | None = None
     previous_response_id: str | None = Field(None, min_length=1, max_length=256)
     store: bool | None = None  # None: true, as OpenAI
-    max_output_tokens: int | None = Field(None, ge=1, le=_MAX_TOKENS_BOUND)
+    max_output_tokens: int | None = Field(None, ge=1, le=MAX_TOKENS_BOUND)
     temperature: float | None = Field(None, ge=0.0, le=2.0)
     top_p: float | None = Field(None, ge=0.0, le=1.0)
     tools: list[FunctionTool] | None = Field(None, max_length=128)

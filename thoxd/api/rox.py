@@ -18,30 +18,26 @@ FastAPI) answer it; other errors `{"detail": "message"}` (thoxd/api/dialects.py)
 
 from __future__ import annotations
 
-from collections.abc import AsyncIterator
 from typing import Any, Literal, TypeVar
 
-from pydantic import BaseModel, ConfigDict, Field, ValidationError
+from pydantic import BaseModel, Field, ValidationError
 from starlette.requests import Request
-from starlette.responses import JSONResponse, Response, StreamingResponse
+from starlette.responses import JSONResponse, Response
 from starlette.routing import Route
 
 from thoxd.api.locallab import Quality
-from thoxd.api.plain import collect, finish_reason, pieces
-from thoxd.api.schemas import ChatRequest, CompletionRequest, parse
-from thoxd.api.serving import SSE_HEADERS, sse_data
-from thoxd.api.start import Started, start_chat, start_completion
-from thoxd.engine import Engine, Finished
-from thoxd.errors import ThoxdError
+from thoxd.api.plain import collect, finish_reason, streamed
+from thoxd.api.schemas import Body, ChatRequest, CompletionRequest, parse
+from thoxd.api.serving import sse_data
+from thoxd.api.start import start_chat, start_completion
+from thoxd.engine import Engine
 from thoxd.guards.access import caller_of
 from thoxd.guards.shutdown import Shutdown
 
 PATHS = ("/chat", "/hf/generate")
 
 
-class Message(BaseModel):
-    model_config = ConfigDict(extra="ignore", strict=True)
-
+class Message(Body):
     role: Literal["system", "user", "assistant"]
     content: str = Field(max_length=1 << 20)
 
@@ -52,9 +48,7 @@ class ChatBody(Quality):
     stream: bool = False
 
 
-class HfParameters(BaseModel):
-    model_config = ConfigDict(extra="ignore", strict=True)
-
+class HfParameters(Body):
     temperature: float = Field(1.0, ge=0.0, le=2.0)
     top_p: float = Field(0.95, ge=0.0, le=1.0)
     max_new_tokens: int = Field(8192, ge=1, le=1 << 20)
@@ -63,9 +57,7 @@ class HfParameters(BaseModel):
     do_sample: bool = True
 
 
-class HfGenerate(BaseModel):
-    model_config = ConfigDict(extra="ignore", strict=True)
-
+class HfGenerate(Body):
     inputs: str = Field(max_length=1 << 20)
     parameters: HfParameters = Field(default_factory=HfParameters)
 
@@ -93,10 +85,12 @@ class RoxRoutes:
         chat = parse(ChatRequest, {**fields, "messages": messages})
         started = await start_chat(self.engine, chat, caller_of(request))
         if body.stream:
-            return StreamingResponse(
-                self._stream(started, body.max_time),
-                media_type="text/event-stream",
-                headers=SSE_HEADERS,
+            return streamed(
+                started,
+                self.shutdown,
+                body.max_time,
+                lambda text: sse_data({"content": text}),
+                lambda message: sse_data({"detail": message}),
             )
         texts = await collect(request, started, self.shutdown, body.max_time)
         if texts is None:
@@ -137,15 +131,6 @@ class RoxRoutes:
         if texts is None:
             return Response(status_code=499)
         return JSONResponse([{"generated_text": texts.texts[0]}])
-
-    async def _stream(self, started: Started, max_time: float | None) -> AsyncIterator[str]:
-        try:
-            async for piece in pieces(started, self.shutdown, max_time):
-                if not isinstance(piece, Finished):
-                    yield sse_data({"content": piece})
-            yield "data: [DONE]\n\n"
-        except ThoxdError as exc:
-            yield sse_data({"detail": exc.message})
 
 
 M = TypeVar("M", bound=BaseModel)

@@ -26,26 +26,26 @@ from thoxd.errors import InvalidRequest, UnsupportedParameter
 _Model = TypeVar("_Model", bound=BaseModel)
 
 # Large enough that "as many as fit" is always expressible; the context bounds it in practice.
-_MAX_TOKENS_BOUND = 1 << 31
+MAX_TOKENS_BOUND = 1 << 31
 MAX_LOGIT_BIAS = 1024  # tokens one request may bias
 StopString = Annotated[str, Field(min_length=1, max_length=512)]
 
 
-class _Body(BaseModel):
+class Body(BaseModel):
     model_config = ConfigDict(extra="ignore", strict=True, frozen=True)
 
 
-class TextPart(_Body):
+class TextPart(Body):
     type: Literal["text"]
     text: str
 
 
-class FunctionCall(_Body):
+class FunctionCall(Body):
     name: str = Field(min_length=1, max_length=256)
     arguments: str = Field(max_length=1 << 20)  # JSON text, as the model wrote it
 
 
-class ToolCall(_Body):
+class ToolCall(Body):
     """A tool call an assistant message made (sent back in the conversation)."""
 
     id: str = Field(min_length=1, max_length=256)
@@ -53,7 +53,7 @@ class ToolCall(_Body):
     function: FunctionCall
 
 
-class ChatMessage(_Body):
+class ChatMessage(Body):
     role: Literal["system", "developer", "user", "assistant", "tool"]
     content: str | list[TextPart] | None = None
     name: str | None = None
@@ -68,11 +68,11 @@ class ChatMessage(_Body):
         return "".join(part.text for part in self.content)
 
 
-class StreamOptions(_Body):
+class StreamOptions(Body):
     include_usage: bool = False
 
 
-class RequestBody(_Body):
+class RequestBody(Body):
     """A whole request body. OpenAI's fields are nullable: `"n": null` (some clients send every
     field) means "not given", so it gets the default instead of a 400."""
 
@@ -86,8 +86,8 @@ class GenerationBody(RequestBody):
     """Fields shared by chat and text completions."""
 
     model: str = Field(min_length=1, max_length=256)
-    max_tokens: int | None = Field(None, ge=1, le=_MAX_TOKENS_BOUND)
-    max_completion_tokens: int | None = Field(None, ge=1, le=_MAX_TOKENS_BOUND)
+    max_tokens: int | None = Field(None, ge=1, le=MAX_TOKENS_BOUND)
+    max_completion_tokens: int | None = Field(None, ge=1, le=MAX_TOKENS_BOUND)
     temperature: float | None = Field(None, ge=0.0, le=2.0)
     top_p: float | None = Field(None, ge=0.0, le=1.0)
     top_k: int | None = Field(None, ge=0, le=1000)
@@ -161,14 +161,14 @@ class GenerationBody(RequestBody):
         return self.stream_options is not None and self.stream_options.include_usage
 
 
-class JsonSchema(_Body):
+class JsonSchema(Body):
     name: str = Field("response", min_length=1, max_length=64, pattern=r"^[A-Za-z0-9_-]+$")
     description: str | None = None
     schema_: dict[str, Any] | None = Field(None, alias="schema")
     strict: bool | None = None
 
 
-class ResponseFormat(_Body):
+class ResponseFormat(Body):
     """`json_object`: any JSON object; `json_schema`: a document valid against the schema. Both
     are enforced by a grammar while sampling (thoxd/engine/schema.py)."""
 
@@ -176,23 +176,23 @@ class ResponseFormat(_Body):
     json_schema: JsonSchema | None = None
 
 
-class FunctionDef(_Body):
+class FunctionDef(Body):
     name: str = Field(min_length=1, max_length=64, pattern=r"^[A-Za-z0-9_-]+$")
     description: str | None = Field(None, max_length=8192)
     parameters: dict[str, Any] | None = None
     strict: bool | None = None
 
 
-class Tool(_Body):
+class Tool(Body):
     type: Literal["function"]
     function: FunctionDef
 
 
-class ChosenFunction(_Body):
+class ChosenFunction(Body):
     name: str = Field(min_length=1, max_length=64)
 
 
-class NamedToolChoice(_Body):
+class NamedToolChoice(Body):
     type: Literal["function"]
     function: ChosenFunction
 
@@ -328,7 +328,7 @@ class EmbeddingRequest(RequestBody):
     keep_alive: Duration | None = None
 
 
-class ModelAction(_Body):
+class ModelAction(Body):
     """POST /models/load and /models/unload."""
 
     model_id: str | None = Field(None, min_length=1, max_length=256)
