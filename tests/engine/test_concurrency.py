@@ -149,6 +149,14 @@ def test_long_prompt_is_prefilled_in_chunks_beside_running_streams(model: Loaded
     assert fin.timings.prompt_n + fin.timings.cache_n == fin.prompt_tokens
 
 
+async def until(condition: Callable[[], bool]) -> None:
+    for _ in range(1000):  # at most ~10 s
+        if condition():
+            return
+        await asyncio.sleep(0.01)
+    raise AssertionError("the model never got there")
+
+
 def test_prompts_arriving_together_get_first_tokens_one_prefill_apart(model: LoadedModel) -> None:
     """A long prompt prefilling alone, then three more while it runs: its first token does not
     wait for their prefill, and theirs come one prefill apart (one prompt per step), not all
@@ -168,9 +176,12 @@ def test_prompts_arriving_together_get_first_tokens_one_prefill_apart(model: Loa
                     return at
             raise AssertionError("no token")
 
+        # The long prompt is admitted alone before the others arrive: a fixed sleep was not
+        # enough when this test ran first (the engine thread measures its step costs first).
+        await until(lambda: model.stats().running == 0)  # the last test's requests have left
         model.submit(first)
         tasks = [asyncio.ensure_future(first_token_at(first))]
-        await asyncio.sleep(0.05)  # the long prompt is being prefilled alone
+        await until(lambda: model.stats().running == 1)
         for gen in rest:
             model.submit(gen)
             tasks.append(asyncio.ensure_future(first_token_at(gen)))

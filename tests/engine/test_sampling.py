@@ -13,7 +13,7 @@ import numpy as np
 import pytest
 
 from thoxd.engine.llama import Batch, ContextConfig, LlamaContext, LlamaModel, route_llama_logs
-from thoxd.engine.sampling import Penalties, Sampler, SamplingParams
+from thoxd.engine.sampling import Penalties, Sampler, SamplingParams, _top_candidates
 
 N_VOCAB = 3000
 
@@ -190,3 +190,56 @@ def test_logit_bias_matches_llama_cpps_logit_bias_sampler(
         sampler.close()
     assert got == expected
     assert plain not in got  # banned at every step
+
+
+def test_top_candidates_hold_the_top_k_or_give_up() -> None:
+    rng = np.random.default_rng(11)
+    logits = rng.normal(0.0, 3.0, size=262_144).astype(np.float32)
+    for k in (1, 40, 100):
+        ids = _top_candidates(logits, k)
+        assert ids is not None
+        assert len(ids) < 4096  # a shortlist, not the vocabulary
+        top = np.argpartition(logits, -k)[-k:]
+        assert set(top.tolist()) <= set(ids.tolist())
+    assert _top_candidates(logits[:N_VOCAB], 40) is None  # small vocabulary: the whole chain
+    assert _top_candidates(logits, 20_000) is None  # large k: the whole chain
+    flat = np.zeros(262_144, dtype=np.float32)
+    flat[:10] = 1.0  # ten tokens above a cut the sample cannot see: no shortlist of 40
+    ids = _top_candidates(flat, 40)
+    assert ids is None or len(ids) >= 40
+
+
+def test_seeded_draws_match_llama_cpps_chain_over_the_whole_vocabulary(
+    context: LlamaContext,
+) -> None:
+    """The shortlist before the chain changes nothing: the same seeded chain sampled by
+    llama.cpp over all 262 144 logits picks the same tokens."""
+    prompt = "Once upon a time, in a small village by the sea,"
+    params = SamplingParams(temperature=1.0, top_k=40, top_p=0.95, min_p=0.05, seed=7)
+    reference = _llama_chain(
+        llama_cpp.llama_sampler_init_top_k(40),
+        llama_cpp.llama_sampler_init_top_p(0.95, 1),
+        llama_cpp.llama_sampler_init_min_p(0.05, 1),
+        llama_cpp.llama_sampler_init_temp(1.0),
+        llama_cpp.llama_sampler_init_dist(7),
+    )
+    try:
+        expected = _decode_steps(
+            context,
+            prompt,
+            40,
+            lambda c, i: int(llama_cpp.llama_sampler_sample(reference, c.ptr, i)),
+        )
+    finally:
+        llama_cpp.llama_sampler_free(reference)
+    sampler = Sampler(params)
+    try:
+        got = _decode_steps(context, prompt, 40, sampler.sample)
+    finally:
+        sampler.close()
+    assert got == expected
+    greedy = Sampler(SamplingParams(temperature=0.0))
+    try:
+        assert _decode_steps(context, prompt, 40, greedy.sample) != got  # a real draw
+    finally:
+        greedy.close()

@@ -99,13 +99,24 @@ class Generation:
     _wake: Callable[[], None] = lambda: None
     # Run on the event loop with the last event (Finished or Failed): the model's use count.
     _on_end: list[Callable[[], None]] = field(default_factory=list)
+    # Set by the engine thread on admission: from then on every event goes through it.
+    outbox: Outbox | None = None
 
     def push(self, event: Event) -> None:
-        """Called from the engine thread."""
-        deliver = self._queue.put_nowait if isinstance(event, Delta) else self._end
+        """Called from the engine thread (or on the event loop before the request is queued)."""
+        if self.outbox is not None:
+            self.outbox.put(self, event)
+            return
         # A closed loop raises RuntimeError: nobody is listening any more.
         with contextlib.suppress(RuntimeError):
-            self._loop.call_soon_threadsafe(deliver, event)
+            self._loop.call_soon_threadsafe(self.deliver, event)
+
+    def deliver(self, event: Event) -> None:
+        """On the event loop."""
+        if isinstance(event, Delta):
+            self._queue.put_nowait(event)
+        else:
+            self._end(event)
 
     def on_end(self, callback: Callable[[], None]) -> None:
         """Call `callback` on the event loop once this generation has ended, however it ends."""
@@ -130,6 +141,37 @@ class Generation:
             yield event
             if not isinstance(event, Delta):
                 return
+
+
+class Outbox:
+    """The events an engine thread produced, held back until `flush`: just before it enters
+    llama_decode, and at the end of each round. One wake-up of the event loop per step instead
+    of one per token, and the loop's work on them (HTTP, JSON) runs while the engine thread is
+    inside llama.cpp without the GIL, not in the Python between two decodes, where each of
+    its ctypes calls would hand the GIL to the loop until that work was done."""
+
+    def __init__(self) -> None:
+        self._held: list[tuple[Generation, Event]] = []
+
+    def put(self, gen: Generation, event: Event) -> None:
+        self._held.append((gen, event))
+
+    def flush(self) -> None:
+        if not self._held:
+            return
+        held, self._held = self._held, []
+        by_loop: dict[asyncio.AbstractEventLoop, list[tuple[Generation, Event]]] = {}
+        for gen, event in held:
+            by_loop.setdefault(gen._loop, []).append((gen, event))
+        for loop, events in by_loop.items():
+            # A closed loop raises RuntimeError: nobody is listening any more.
+            with contextlib.suppress(RuntimeError):
+                loop.call_soon_threadsafe(_deliver_all, events)
+
+
+def _deliver_all(events: list[tuple[Generation, Event]]) -> None:
+    for gen, event in events:
+        gen.deliver(event)
 
 
 @dataclass(eq=False)

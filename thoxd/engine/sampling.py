@@ -105,6 +105,28 @@ class TokenLogprob:
 SHORTLIST = ((16.0, 4096), (32.0, 32768))
 
 
+# Top-k candidates are cut from a strided sample of the logits when the vocabulary has at least
+# CUT_SAMPLE * 8 entries; about CUT_SPARE times k of them pass the cut.
+CUT_SAMPLE = 8192
+CUT_SPARE = 4
+
+
+def _top_candidates(
+    logits: np.ndarray[Any, np.dtype[np.float32]], k: int
+) -> np.ndarray[Any, np.dtype[np.int32]] | None:
+    """The ids of every token at or above a cut that at least `k` tokens reach (so the top k
+    are among them), or None when no cheap cut exists (a small vocabulary, a large k, or too
+    few tokens passing the estimated cut)."""
+    n = len(logits)
+    if n < CUT_SAMPLE * 8 or k * CUT_SPARE * 8 > n:
+        return None
+    sample = logits[:: n // CUT_SAMPLE]
+    keep = max(2, k * CUT_SPARE * len(sample) // n)
+    cut = np.partition(sample, len(sample) - keep)[len(sample) - keep]
+    ids: np.ndarray[Any, np.dtype[np.int32]] = np.flatnonzero(logits >= cut).astype(np.int32)
+    return ids if len(ids) >= k else None
+
+
 class GrammarExhausted(Exception):
     """The grammar allows no token at all: the request ends where it is."""
 
@@ -165,7 +187,7 @@ class Sampler:
         if self._chain is None:
             token = int(logits.argmax())
         else:
-            token = int(llama_cpp.llama_sampler_sample(self._chain, ctx.ptr, batch_index))
+            token = self._draw(ctx, logits, batch_index)
         seen: np.ndarray[Any, np.dtype[np.float32]] = logits  # what log probabilities read
         if self._grammar is not None:
             if self._logprobs is not None:
@@ -181,6 +203,23 @@ class Sampler:
             self.last = self._logprob(seen, token)
         if self._penalties is not None:
             self._penalties.accept(token)
+        return token
+
+    def _draw(
+        self, ctx: LlamaContext, logits: np.ndarray[Any, np.dtype[np.float32]], batch_index: int
+    ) -> int:
+        """The chain's draw. Top-k heads it, so only tokens that can be among the top k need
+        to reach it: llama.cpp would copy and partially sort all 262 144 of Gemma 3's (0.35 ms
+        a token, measured: a tenth of thoxd's overhead per token at one stream); the few hundred
+        at or above a cut estimated from every 32nd logit take 0.1 ms. Same tokens, same
+        seeded draw."""
+        ids = _top_candidates(logits, self._top_k) if self._top_k > 0 else None
+        if ids is None:
+            return int(llama_cpp.llama_sampler_sample(self._chain, ctx.ptr, batch_index))
+        candidates = Candidates(logits, ids)
+        candidates.apply(self._chain)
+        token = candidates.selected()
+        llama_cpp.llama_sampler_accept(self._chain, token)  # as llama_sampler_sample does
         return token
 
     def _resample(self, candidates: Candidates) -> int:

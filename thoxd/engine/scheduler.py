@@ -47,7 +47,7 @@ from thoxd.engine.forks import leader_of, sync_forks
 from thoxd.engine.grammar import GrammarInvalid
 from thoxd.engine.llama import Batch, LlamaContext, LlamaModel
 from thoxd.engine.queue import WaitQueue
-from thoxd.engine.request import Embedding, Failed, Finished, Generation
+from thoxd.engine.request import Embedding, Failed, Finished, Generation, Outbox
 from thoxd.engine.sampling import Sampler
 from thoxd.engine.slots import (
     Running,
@@ -119,6 +119,7 @@ class Scheduler:
         self._failures = 0  # failed steps in a row
         self._turn = 0  # which decoding sequence goes first when they outnumber the batch
         self._forks: dict[Generation, Slot] = {}  # choices waiting for their leader's prefill
+        self._outbox = Outbox()  # the admitted generations' events, sent once a step
         self.failed: str | None = None  # why the model was given up on
         self._cond = threading.Condition()
         self._stopping = False
@@ -197,6 +198,12 @@ class Scheduler:
             self._abandon_all(error)
 
     def _next_round(self) -> bool:
+        try:
+            return self._round()
+        finally:
+            self._outbox.flush()
+
+    def _round(self) -> bool:
         with self._cond:
             while not (self._stopping or self._queue or self._busy()):
                 self._cond.wait()
@@ -243,6 +250,7 @@ class Scheduler:
 
     def _admit(self, gen: Generation, alone: bool) -> None:
         now = time.monotonic()
+        gen.outbox = self._outbox
         try:
             sampler = Sampler(
                 gen.params, model=self._model, grammar=gen.grammar, logprobs=gen.logprobs
@@ -314,6 +322,7 @@ class Scheduler:
         outputs += add_prefills(running, batch, limit)
         rc = self._faults.decode(self._name, batch.n_tokens)
         if rc is None:
+            self._outbox.flush()  # the last step's tokens, as this thread lets go of the GIL
             rc = self._ctx.decode(batch)
         if rc != 0:
             raise EngineFailure(f"llama_decode returned {rc}")
@@ -381,3 +390,4 @@ class Scheduler:
                 slot.run.gen.push(Failed(error))
                 slot.run.sampler.close()
                 slot.run = None
+        self._outbox.flush()
