@@ -102,12 +102,12 @@ def test_bad_choice_exits_2(capsys: pytest.CaptureFixture[str]) -> None:
     assert "invalid choice" in capsys.readouterr().err
 
 
-def test_parser_has_a_flag_for_every_settings_field_but_the_owner_key() -> None:
+def test_parser_has_a_flag_for_every_settings_field_but_the_secrets() -> None:
     parser = build_parser()
     for name in Settings.model_fields:
-        if name == "owner_key":  # a secret: never on the command line (/proc/PID/cmdline)
+        if name in ("owner_key", "fleet_secret"):  # never on the command line (/proc/PID/cmdline)
             with pytest.raises(SystemExit):
-                parser.parse_args(["serve", "--owner-key", "x" * 20])
+                parser.parse_args(["serve", "--" + name.replace("_", "-"), "x" * 20])
             continue
         value = "debug" if name == "log_level" else "7"
         args = parser.parse_args(["serve", "--" + name.replace("_", "-"), value])

@@ -208,3 +208,23 @@ def test_a_short_owner_key_is_refused(monkeypatch: pytest.MonkeyPatch) -> None:
     monkeypatch.setenv("THOXD_OWNER_KEY", "short")
     with pytest.raises(ValidationError):
         load_settings({})
+
+
+@pytest.mark.usefixtures("clean_settings_env")
+def test_the_fleet_follows_mdns_or_named_peers_and_its_secret_is_a_credential(
+    tmp_path: Path, monkeypatch: pytest.MonkeyPatch
+) -> None:
+    assert load_settings({}).fleet_on  # mDNS is on by default
+    assert not load_settings({"mdns": False}).fleet_on
+    named = load_settings({"mdns": False, "fleet_peers": "http://10.0.0.6:8080, http://b:9/"})
+    assert named.fleet_on and named.fleet_peers == ["http://10.0.0.6:8080", "http://b:9/"]
+    assert not load_settings({"fleet": "false"}).fleet_on
+    with pytest.raises(ValidationError):
+        load_settings({"fleet_peers": "ftp://10.0.0.6"})
+    (tmp_path / "fleet_secret").write_text("one-owners-fleet-secret\n")
+    monkeypatch.setenv("CREDENTIALS_DIRECTORY", str(tmp_path))
+    secret = load_settings({}).fleet_secret
+    assert secret is not None and secret.get_secret_value() == "one-owners-fleet-secret"
+    monkeypatch.setenv("THOXD_FLEET_SECRET", "short")
+    with pytest.raises(ValidationError):
+        load_settings({})

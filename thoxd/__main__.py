@@ -26,7 +26,7 @@ from thoxd.settings import Settings, load_settings, settings_error
 COMMANDS = ("serve", "models", "keys", "usage", "mcp-stdio")
 # Settings that are no flag: a secret on the command line is readable by every local user
 # (/proc/PID/cmdline) and lands in shell history. The environment or the TOML file set it.
-NOT_FLAGS = frozenset({"owner_key"})
+NOT_FLAGS = frozenset({"owner_key", "fleet_secret"})
 
 
 def _flag(name: str) -> str:

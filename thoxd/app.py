@@ -18,6 +18,7 @@ from thoxd.access import AccessDb, KeyStore, Limiter, UsageLedger
 from thoxd.api import locallab, rox
 from thoxd.api.conversations import ResponseStore
 from thoxd.api.dialects import ErrorDialects
+from thoxd.api.fleet import FleetRoutes
 from thoxd.api.keys import KeyRoutes
 from thoxd.api.locallab import LocalLabRoutes
 from thoxd.api.mcp import McpRoutes
@@ -36,6 +37,11 @@ from thoxd.device.discovery import Discovery
 from thoxd.device.info import SystemSampler
 from thoxd.engine import Engine, EngineConfig, Finished, Generation, budget_bytes
 from thoxd.errors import InvalidRequest, NotFound, ThoxdError
+from thoxd.fleet.browse import PeerBrowser
+from thoxd.fleet.forward import ForwardingMiddleware
+from thoxd.fleet.peers import Fleet
+from thoxd.fleet.routing import Router
+from thoxd.fleet.trust import FleetTrust
 from thoxd.guards.access import Access, AccessGuard
 from thoxd.guards.body_limit import BodyLimitMiddleware
 from thoxd.guards.cross_site import CrossSiteGuard
@@ -108,7 +114,16 @@ def create_app(
     database = AccessDb.in_state_dir(settings.state_dir)
     database.create()
     ledger = UsageLedger(database)
-    access = Access(settings, KeyStore(database), ledger, Limiter(ledger))
+    # Several boxes as one (thoxd/fleet/): peers polled, requests forwarded once trusted.
+    fleet = router = browser = None
+    if settings.fleet_on:
+        secret = settings.fleet_secret.get_secret_value() if settings.fleet_secret else None
+        trust = FleetTrust(secret, discovery.install_id)
+        fleet = Fleet(trust, static=settings.fleet_peers, poll_seconds=settings.fleet_poll_seconds)
+        router = Router(fleet, engine, settings.default_model)
+        browser = PeerBrowser(discovery, fleet) if settings.mdns else None
+    trust_peers = fleet.trust if fleet is not None else None
+    access = Access(settings, KeyStore(database), ledger, Limiter(ledger), trust_peers)
 
     def finished(model: str, gen: Generation, done: Finished) -> None:
         # Tokens and latencies, counted in one place, on the engine thread. A choice of n > 1
@@ -136,11 +151,19 @@ def create_app(
         sampler.start()  # /system/info reads its snapshots
         # mDNS probes and registers in its own task: `discovery.wait_ready()` says when.
         await discovery.start()
+        if fleet is not None:
+            fleet.start()
+        if browser is not None:
+            browser.start()  # once mDNS has registered
         try:
             async with mcp.running():  # the MCP SDK's sessions
                 yield
         finally:
             loading.cancel()
+            if browser is not None:
+                await browser.stop()
+            if fleet is not None:
+                await fleet.stop()
             await discovery.stop()  # goodbyes first, so clients stop coming
             await engine.close()
             sampler.stop()
@@ -150,17 +173,18 @@ def create_app(
         engine, settings.default_model, sampler=sampler, metrics=metrics, identity=discovery
     )
     openai = OpenAIRoutes(engine, shutdown, ledger)
-    models = ModelRoutes(engine)
+    models = ModelRoutes(engine, fleet)
     routes = [
         *openai.routes(),
         # Stored responses for previous_response_id: in memory, bounded (api/conversations.py).
         *ResponsesRoutes(engine, ResponseStore(), shutdown).routes(),
         *models.routes(),
         *system.routes(),
-        *StreamRoutes(engine, settings, shutdown, access).routes(),
+        *StreamRoutes(engine, settings, shutdown, access, router).routes(),
         *mcp.routes(),
         *KeyRoutes(engine, access).routes(),
         *UsageRoutes(access).routes(),
+        *FleetRoutes(engine, fleet, discovery).routes(),
         # The seed documents' own routes, thin adapters over the same rules (README, "Seeds").
         *LocalLabRoutes(engine, settings.default_model, shutdown).routes(),
         *RoxRoutes(engine, settings.default_model, shutdown).routes(),
@@ -192,6 +216,8 @@ def create_app(
             # too-large body is a 413 whatever its type (thoxd/guards/cross_site.py).
             Middleware(CrossSiteGuard, allowed_origins=settings.allowed_origins),
             Middleware(ShutdownGate, shutdown=shutdown),
+            # Last: a request for a model served elsewhere goes there (thoxd/fleet/forward.py).
+            *([Middleware(ForwardingMiddleware, router=router)] if router is not None else []),
         ],
         exception_handlers={
             ThoxdError: _thoxd_error,
@@ -207,6 +233,7 @@ def create_app(
     app.state.sampler = sampler
     app.state.settings = settings
     app.state.access = access
+    app.state.fleet = fleet
     return app
 
 

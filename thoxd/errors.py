@@ -28,6 +28,7 @@
     │   ├── MemoryBusy              503 memory_busy             (room held by busy models)
     │   ├── ShuttingDown            503 shutting_down
     │   └── TooManyConnections      503 too_many_connections    (max_connections reached)
+    ├── PeerUnavailable             502 peer_unavailable        (a fleet peer stopped answering)
     └── EngineFailure               500 engine_error
 
 Every envelope carries the HTTP `status` too (the Rax docs' shape, which OpenAI clients ignore).
@@ -296,6 +297,13 @@ class TooManyConnections(Unavailable):
         super().__init__(
             f"The server has {limit} connections open, its limit (max_connections). Retry shortly."
         )
+
+
+class PeerUnavailable(ThoxdError):
+    """A request forwarded to another box of the fleet (thoxd/fleet/) found it gone."""
+
+    status = 502
+    code = "peer_unavailable"
 
 
 class EngineFailure(ThoxdError):

@@ -1,9 +1,9 @@
 """All of thoxd's settings, declared once, read once (in `__main__`) and passed down.
 
-Precedence: CLI flag > THOXD_* environment > a systemd credential (owner_key only) > TOML file
-(`--config`, or /etc/thoxd/thoxd.toml when present) > the defaults below. Every field carries a
-description (it becomes the `--help` text) and bounds (a bad value is refused before anything
-starts).
+Precedence: CLI flag > THOXD_* environment > a systemd credential (owner_key, fleet_secret) >
+TOML file (`--config`, or /etc/thoxd/thoxd.toml when present) > the defaults below. Every field
+carries a description (it becomes the `--help` text) and bounds (a bad value is refused before
+anything starts).
 """
 
 from __future__ import annotations
@@ -237,6 +237,33 @@ class Settings(BaseSettings):
     mdns_loopback: bool = Field(
         False, description="Advertise on loopback too (tests, or a box that has no LAN)."
     )
+    # -- fleet: several boxes as one (thoxd/fleet/) --
+    fleet: bool | None = Field(
+        None,
+        description="Find other thoxd boxes (mDNS, and fleet_peers) and forward to them the "
+        "requests this box cannot serve now. Unset: on when mdns is on or fleet_peers is set.",
+    )
+    fleet_secret: SecretStr | None = Field(
+        None,
+        min_length=16,
+        max_length=256,
+        description="Shared by the boxes of one owner: only peers that prove they hold it are "
+        "sent requests or accepted from (others are listed, never used). Environment "
+        "(THOXD_FLEET_SECRET), TOML file or systemd credential; never on the command line.",
+    )
+    fleet_peers: Annotated[
+        list[Annotated[str, Field(pattern=r"^https?://[\w.:\[\]%-]+(:\d+)?/?$")]],
+        NoDecode,
+        BeforeValidator(_comma_list),
+    ] = Field(
+        default_factory=list,
+        max_length=64,
+        description="Peers by URL (http://HOST:PORT, comma-separated), for networks without "
+        "multicast; found peers are added to them.",
+    )
+    fleet_poll_seconds: float = Field(
+        2.0, ge=0.2, le=60, description="How often each peer's load is read (GET /fleet/status)."
+    )
     # -- shutdown (systemd's TimeoutStopSec, 90 s by default, must cover the grace period) --
     shutdown_grace_seconds: float = Field(
         10.0,
@@ -249,6 +276,10 @@ class Settings(BaseSettings):
     @property
     def resolved_models_dir(self) -> Path:
         return self.models_dir if self.models_dir is not None else self.state_dir / "models"
+
+    @property
+    def fleet_on(self) -> bool:
+        return self.fleet if self.fleet is not None else (self.mdns or bool(self.fleet_peers))
 
     @classmethod
     def settings_customise_sources(
@@ -263,19 +294,26 @@ class Settings(BaseSettings):
         return init_settings, env_settings, credentials, TomlConfigSettingsSource(settings_cls)
 
 
+CREDENTIALS = ("owner_key", "fleet_secret")
+
+
 class _Credentials(PydanticBaseSettingsSource):
     """systemd credentials: `LoadCredential=owner_key:FILE` puts the owner key in
-    $CREDENTIALS_DIRECTORY/owner_key, readable by this service only."""
+    $CREDENTIALS_DIRECTORY/owner_key, readable by this service only (fleet_secret likewise)."""
 
     def get_field_value(self, field: Any, field_name: str) -> tuple[Any, str, bool]:
         return None, field_name, False
 
     def __call__(self) -> dict[str, Any]:
         directory = os.environ.get("CREDENTIALS_DIRECTORY")
-        path = Path(directory) / "owner_key" if directory else None
-        if path is None or not path.is_file():
+        if not directory:
             return {}
-        return {"owner_key": path.read_text().strip()}
+        found = {}
+        for name in CREDENTIALS:
+            path = Path(directory) / name
+            if path.is_file():
+                found[name] = path.read_text().strip()
+        return found
 
 
 def settings_error(exc: Exception) -> str:

@@ -24,12 +24,14 @@ from thoxd.api.schemas import ModelAction, parse
 from thoxd.catalog.entries import ModelSpec
 from thoxd.engine import Engine
 from thoxd.errors import InvalidRequest, ModelNotFound
+from thoxd.fleet.peers import Fleet
 from thoxd.units import format_duration
 
 
 class ModelRoutes:
-    def __init__(self, engine: Engine) -> None:
+    def __init__(self, engine: Engine, fleet: Fleet | None = None) -> None:
         self.engine = engine
+        self.fleet = fleet
 
     def routes(self) -> list[Route]:
         return [
@@ -45,11 +47,48 @@ class ModelRoutes:
 
     async def list_models(self, request: Request) -> Response:
         data = [self.model_object(spec) for spec in self.engine.catalog]
-        return JSONResponse({"object": "list", "data": data})
+        return JSONResponse({"object": "list", "data": data + self._fleet_models(data)})
 
     async def get_model(self, request: Request) -> Response:
-        spec = self.engine.catalog.get(request.path_params["model_id"])
-        return JSONResponse(self.model_object(spec))
+        name = request.path_params["model_id"]
+        try:
+            spec = self.engine.catalog.get(name)
+        except ModelNotFound:
+            elsewhere = [m for m in self._fleet_models([]) if name in (m["id"], *m["aliases"])]
+            if not elsewhere:
+                raise
+            return JSONResponse(elsewhere[0])
+        entry = self.model_object(spec)
+        self._fleet_models([entry])
+        return JSONResponse(entry)
+
+    def _fleet_models(self, local: list[dict[str, Any]]) -> list[dict[str, Any]]:
+        """With the fleet on (thoxd/fleet/): where each model runs. `local` entries gain
+        `location` "local" and `peers` (the trusted boxes that serve it too); the models only
+        peers serve are returned, `location` "fleet", owned by the first box serving them."""
+        if self.fleet is None or not self.fleet.trust.on:
+            return []
+        where: dict[str, list[str]] = {}
+        aliases: dict[str, set[str]] = {}
+        for peer in self.fleet.peers():
+            for model in peer.models.values() if peer.trusted else ():
+                where.setdefault(model.id, []).append(peer.name)
+                aliases.setdefault(model.id, set()).update(model.aliases)
+        for entry in local:
+            entry["location"] = "local"
+            entry["peers"] = where.pop(entry["id"], [])
+        return [
+            {
+                "id": model_id,
+                "object": "model",
+                "created": 0,
+                "owned_by": names[0],
+                "aliases": sorted(aliases[model_id]),
+                "location": "fleet",
+                "peers": names,
+            }
+            for model_id, names in sorted(where.items())
+        ]
 
     async def available(self, request: Request) -> Response:
         """The catalog, with what each model would cost to load (read from its GGUF header)."""

@@ -57,7 +57,9 @@ from thoxd.api.shapes import Choice, chat_logprobs, new_id, usage
 from thoxd.api.start import Started, split_prompts, start_chat, start_completion
 from thoxd.api.surrogates import has_lone_surrogate
 from thoxd.engine import Delta, Engine, Failed
-from thoxd.errors import InvalidApiKey, InvalidRequest, NotFound, ThoxdError
+from thoxd.errors import InvalidApiKey, InvalidRequest, NotFound, PeerUnavailable, ThoxdError
+from thoxd.fleet.relay import NoPeerTookIt, relay_events
+from thoxd.fleet.routing import Router
 from thoxd.guards.access import WS_PROTOCOL, Access, caller_of
 from thoxd.guards.origins import normal_origins, origin_allowed
 from thoxd.guards.shutdown import Shutdown, shutting_down
@@ -80,9 +82,11 @@ class StreamRoutes:
         settings: Settings,
         shutdown: Shutdown | None = None,
         access: Access | None = None,
+        router: Router | None = None,
     ) -> None:
         self.engine = engine
         self.access = access
+        self.router = router  # the fleet's (thoxd/fleet/), when it is on
         self.shutdown = shutdown or Shutdown()
         self.max_message_bytes = settings.max_body_bytes
         self.allowed_origins = normal_origins(settings.allowed_origins)
@@ -101,7 +105,7 @@ class StreamRoutes:
         offered = websocket.scope.get("subprotocols", [])
         await websocket.accept(subprotocol=WS_PROTOCOL if WS_PROTOCOL in offered else None)
         connection = _Connection(
-            websocket, self.engine, self.max_message_bytes, self.shutdown, self.access
+            websocket, self.engine, self.max_message_bytes, self.shutdown, self.access, self.router
         )
         forget = self.shutdown.at_end(connection.going_away)
         try:
@@ -134,10 +138,12 @@ class _Connection:
         max_message_bytes: int,
         shutdown: Shutdown,
         access: Access | None,
+        router: Router | None = None,
     ) -> None:
         self.websocket = websocket
         self.engine = engine
         self.access = access
+        self.router = router
         # None until the first message authenticates (the guard found no key in the handshake).
         state = websocket.scope.get("state", {})
         self.caller: Caller | None = state["caller"] if "caller" in state else caller_of(websocket)
@@ -253,6 +259,8 @@ class _Connection:
 
     async def run(self, request: _Request, body: dict[str, Any], chat: bool) -> None:
         try:
+            if await self._relayed(request, body, chat):
+                return
             started = request.started = await self._start(body, chat)
             if request.cancelled or not self.open:
                 started.cancel()
@@ -293,6 +301,30 @@ class _Connection:
                 request.started.cancel()  # a no-op once it finished
             if self.requests.get(request.id) is request:
                 del self.requests[request.id]
+
+    async def _relayed(self, request: _Request, body: dict[str, Any], chat: bool) -> bool:
+        """Served by a peer (thoxd/fleet/relay.py) when the fleet's router says so."""
+        name = body.get("model") if isinstance(body.get("model"), str) else None
+        peers = self.router.choose(name) if self.router is not None else []
+        if not peers or self.router is None:
+            return False
+        caller = self.caller or caller_of(self.websocket)
+        head = {"id": request.id, "model": name or peers[0][1].id}
+        events = relay_events(self.router.fleet, peers, body, chat, caller.id, caller.may_use)
+        try:
+            async with contextlib.aclosing(events):
+                async for event in events:
+                    await self.send({"type": event.pop("type"), **head, **event})
+                    if request.cancelled:  # closing the stream cancels it over there
+                        done = {"finish_reason": "cancelled", "usage": usage(0, 0, 0)}
+                        await self.send({"type": "done", **head, **done})
+                        return True
+        except NoPeerTookIt:
+            if self.router.local(name):
+                return False
+            message = f"The boxes serving the model '{name}' are not answering."
+            raise PeerUnavailable(message) from None
+        return True
 
     async def _start(self, body: dict[str, Any], chat: bool) -> Started:
         if not chat and "prompt" not in body:

@@ -219,6 +219,11 @@ class Discovery:
         return self._install_id
 
     @property
+    def zeroconf(self) -> Zeroconf | None:
+        """The zeroconf instance once registered (the fleet browses for peers on it)."""
+        return self._zc.zeroconf if self._zc is not None and self.state == "registered" else None
+
+    @property
     def host_name(self) -> str | None:
         return f"{self.label}.local" if self.state == "registered" and self.label else None
 

@@ -33,6 +33,8 @@ from thoxd.access import Caller, KeyStore, Limiter, Limits, UsageLedger
 from thoxd.access.callers import OWNER, guest
 from thoxd.access.keys import key_hash
 from thoxd.errors import Forbidden, InvalidApiKey, ThoxdError
+from thoxd.fleet.trust import HEADER as FLEET_HEADER
+from thoxd.fleet.trust import FleetTrust
 from thoxd.guards.lan import parse_ip, refuse
 from thoxd.settings import Settings
 
@@ -50,9 +52,15 @@ class Access:
     """The policy and its collaborators, made once in `create_app()`."""
 
     def __init__(
-        self, settings: Settings, store: KeyStore, ledger: UsageLedger, limiter: Limiter
+        self,
+        settings: Settings,
+        store: KeyStore,
+        ledger: UsageLedger,
+        limiter: Limiter,
+        fleet: FleetTrust | None = None,
     ) -> None:
         owner = settings.owner_key
+        self.fleet = fleet
         self._owner_hash = key_hash(owner.get_secret_value()) if owner is not None else None
         self.store = store
         self.ledger = ledger
@@ -88,6 +96,19 @@ class Access:
             raise InvalidApiKey("Invalid API key provided (unknown, or revoked).")
         self.ledger.used(record.id)
         return record.caller()
+
+    def peer(self, headers: Headers, method: str, path: str) -> Caller | None:
+        """The client a trusted peer forwarded this request for (thoxd/fleet/trust.py): its
+        keys and limits were applied at that box. None without a valid fleet signature (an
+        invalid one is ignored: the request is then judged as any other)."""
+        value = headers.get(FLEET_HEADER)
+        if value is None or self.fleet is None:
+            return None
+        signed = self.fleet.verify(value, method, path)
+        if signed is None:
+            logger.info("ignored an invalid fleet signature on %s", path)
+            return None
+        return Caller(f"{signed.sender[:8]}/{signed.client}", f"fleet:{signed.sender[:8]}")
 
     def owner_only(self, caller: Caller, what: str) -> None:
         if self.keys_on and not caller.owner:
@@ -161,6 +182,10 @@ class AccessGuard:
         address = str(scope["client"][0]) if scope.get("client") else ""
         key = given_key(headers)
         path = scope["path"]
+        if (peer := access.peer(headers, scope.get("method", "GET"), path)) is not None:
+            scope.setdefault("state", {})["fleet_hop"] = True  # served here, never sent on
+            if _owner_route(scope.get("method", "GET"), path) is None:
+                return peer
         if path in LOCAL_PATHS and access.keys_on and key is None:
             ip = parse_ip(address)
             if ip is not None and ip.is_loopback:
