@@ -39,8 +39,10 @@ from thoxd.engine import Engine, EngineConfig, Finished, Generation, budget_byte
 from thoxd.errors import InvalidRequest, NotFound, ThoxdError
 from thoxd.fleet.browse import PeerBrowser
 from thoxd.fleet.forward import ForwardingMiddleware
+from thoxd.fleet.helper import rpc_server
 from thoxd.fleet.peers import Fleet
 from thoxd.fleet.routing import Router
+from thoxd.fleet.split import SplitModels
 from thoxd.fleet.trust import FleetTrust
 from thoxd.guards.access import Access, AccessGuard
 from thoxd.guards.body_limit import BodyLimitMiddleware
@@ -93,6 +95,8 @@ def engine_config(settings: Settings) -> EngineConfig:
         memory_budget=budget_bytes(settings.memory_budget, psutil.virtual_memory().available),
         keep_alive=settings.keep_alive,
         client_cap=settings.max_slots_per_client,
+        rpc_build=settings.rpc_build,
+        rpc_in_process=not settings.rpc_isolate,
     )
 
 
@@ -114,14 +118,21 @@ def create_app(
     database = AccessDb.in_state_dir(settings.state_dir)
     database.create()
     ledger = UsageLedger(database)
-    # Several boxes as one (thoxd/fleet/): peers polled, requests forwarded once trusted.
+    # Several boxes as one (thoxd/fleet/): peers polled, requests forwarded once trusted; and
+    # models split over RPC servers, each served by a process of its own.
+    split = SplitModels(settings, catalog) if settings.rpc_isolate else None
     fleet = router = browser = None
-    if settings.fleet_on:
-        secret = settings.fleet_secret.get_secret_value() if settings.fleet_secret else None
-        trust = FleetTrust(secret, discovery.install_id)
-        fleet = Fleet(trust, static=settings.fleet_peers, poll_seconds=settings.fleet_poll_seconds)
-        router = Router(fleet, engine, settings.default_model)
-        browser = PeerBrowser(discovery, fleet) if settings.mdns else None
+    if settings.fleet_on or split:
+        secret = settings.fleet_secret if settings.fleet_on else None
+        trust = FleetTrust(secret.get_secret_value() if secret else None, discovery.install_id)
+        static = settings.fleet_peers if settings.fleet_on else []
+        fleet = Fleet(trust, static=static, poll_seconds=settings.fleet_poll_seconds)
+        router = Router(fleet, engine, settings.default_model, split)
+        browser = PeerBrowser(discovery, fleet) if settings.mdns and settings.fleet_on else None
+    # This box as a helper for models split over boxes: llama.cpp's rpc-server, supervised.
+    helper = None
+    if settings.rpc_server:
+        helper = rpc_server(settings.rpc_build, settings.rpc_server, settings.threads)
     trust_peers = fleet.trust if fleet is not None else None
     access = Access(settings, KeyStore(database), ledger, Limiter(ledger), trust_peers)
 
@@ -151,15 +162,23 @@ def create_app(
         sampler.start()  # /system/info reads its snapshots
         # mDNS probes and registers in its own task: `discovery.wait_ready()` says when.
         await discovery.start()
-        if fleet is not None:
-            fleet.start()
+        if fleet is not None and settings.fleet_on:
+            fleet.start()  # polls its peers
+        if split:
+            split.start()
         if browser is not None:
             browser.start()  # once mDNS has registered
+        if helper is not None:
+            helper.start()
         try:
             async with mcp.running():  # the MCP SDK's sessions
                 yield
         finally:
             loading.cancel()
+            if helper is not None:
+                await helper.stop()
+            if split:
+                await split.stop()
             if browser is not None:
                 await browser.stop()
             if fleet is not None:
@@ -184,7 +203,9 @@ def create_app(
         *mcp.routes(),
         *KeyRoutes(engine, access).routes(),
         *UsageRoutes(access).routes(),
-        *FleetRoutes(engine, fleet, discovery).routes(),
+        *FleetRoutes(
+            engine, fleet if settings.fleet_on else None, discovery, helper, settings.rpc_server
+        ).routes(),
         # The seed documents' own routes, thin adapters over the same rules (README, "Seeds").
         *LocalLabRoutes(engine, settings.default_model, shutdown).routes(),
         *RoxRoutes(engine, settings.default_model, shutdown).routes(),

@@ -41,8 +41,12 @@ def _usable_cores() -> int:
     return len(os.sched_getaffinity(0))
 
 
+def _repo_root() -> Path:
+    return Path(__file__).resolve().parent.parent
+
+
 def _repo_catalog() -> Path:
-    return Path(__file__).resolve().parent.parent / "models.toml"
+    return _repo_root() / "models.toml"
 
 
 def _size(value: str) -> str:
@@ -260,6 +264,21 @@ class Settings(BaseSettings):
         max_length=64,
         description="Peers by URL (http://HOST:PORT, comma-separated), for networks without "
         "multicast; found peers are added to them.",
+    )
+    rpc_server: str = Field(
+        "",
+        pattern=r"^$|^[\w.:-]+:\d{1,5}$",
+        description="HOST:PORT to run llama.cpp's rpc-server on as a helper for a model split "
+        "over boxes (README, 'Fleet'); empty: none. It has no authentication: a private address.",
+    )
+    rpc_isolate: bool = Field(
+        True,
+        description="Serve each model split over RPC servers from a thoxd process of its own: "
+        "llama.cpp aborts the process holding one when a server goes away.",
+    )
+    rpc_build: Path = Field(
+        default_factory=lambda: _repo_root() / "build" / "rpc",
+        description="Where scripts/build-rpc put rpc-server (bin/) and libggml-rpc.so (lib/).",
     )
     fleet_poll_seconds: float = Field(
         2.0, ge=0.2, le=60, description="How often each peer's load is read (GET /fleet/status)."

@@ -7,7 +7,7 @@ cheap reads; neither loads a model.
                                     "load": {"slots", "running", "waiting", "forwarding"}}]}
     GET /fleet/status   {"name", "id", "models": [{"id", "aliases", "state", "slots",
                          "running", "waiting"}], "load": {"slots", "running", "waiting"},
-                         "proof": str | null}
+                         "rpc": "HOST:PORT" | null, "proof": str | null}
 
 `proof` answers a poll signed with the fleet secret (thoxd/fleet/trust.py); with keys on,
 /fleet/status needs a key or that signature.
@@ -23,15 +23,25 @@ from starlette.routing import Route
 
 from thoxd.device.discovery import Discovery
 from thoxd.engine import Engine
+from thoxd.fleet.helper import Supervised
 from thoxd.fleet.peers import Fleet
 from thoxd.fleet.trust import HEADER
 
 
 class FleetRoutes:
-    def __init__(self, engine: Engine, fleet: Fleet | None, discovery: Discovery) -> None:
+    def __init__(
+        self,
+        engine: Engine,
+        fleet: Fleet | None,
+        discovery: Discovery,
+        helper: Supervised | None = None,
+        rpc_endpoint: str = "",
+    ) -> None:
         self.engine = engine
         self.fleet = fleet
         self.discovery = discovery
+        self.helper = helper
+        self.rpc_endpoint = rpc_endpoint
 
     def routes(self) -> list[Route]:
         return [
@@ -79,6 +89,8 @@ class FleetRoutes:
             "id": self.discovery.install_id,
             "models": models,
             "load": load,
+            # Where this box's llama.cpp rpc-server listens, for models split over boxes.
+            "rpc": self.rpc_endpoint if self.helper and self.helper.running else None,
             "proof": proof,
         }
         return JSONResponse(body)

@@ -310,6 +310,7 @@ class _Connection:
             return False
         caller = self.caller or caller_of(self.websocket)
         head = {"id": request.id, "model": name or peers[0][1].id}
+        await self.router.ready(peers[0][0])
         events = relay_events(self.router.fleet, peers, body, chat, caller.id, caller.may_use)
         try:
             async with contextlib.aclosing(events):
@@ -320,9 +321,11 @@ class _Connection:
                         await self.send({"type": "done", **head, **done})
                         return True
         except NoPeerTookIt:
-            if self.router.local(name):
+            if self.router.here(name):
                 return False
-            message = f"The boxes serving the model '{name}' are not answering."
+            message = (
+                f"The model '{name}' is served elsewhere, and what serves it is not answering."
+            )
             raise PeerUnavailable(message) from None
         return True
 

@@ -71,6 +71,12 @@ class ModelSpec(BaseModel):
     )
     n_ctx: int = Field(4096, ge=256, le=1 << 20, description="context window of one request")
     n_gpu_layers: int = Field(0, ge=-1, le=1024)
+    rpc: tuple[Annotated[str, Field(pattern=r"^[\w.-]+:\d{1,5}$")], ...] = Field(
+        (),
+        max_length=16,
+        description="llama.cpp RPC servers (HOST:PORT, scripts/build-rpc) the model's layers "
+        "are split over: n_gpu_layers of them (0: all) go there, the rest stay here",
+    )
     chat_template: str | None = Field(
         None, description="a built-in template name, or a Jinja template"
     )

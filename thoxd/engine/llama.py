@@ -76,9 +76,12 @@ def probe_model(path: Path) -> None:
 class LlamaModel:
     """Weights and vocabulary of one GGUF file."""
 
-    def __init__(self, path: Path, *, n_gpu_layers: int = 0) -> None:
+    def __init__(self, path: Path, *, n_gpu_layers: int = 0, devices: Sequence[int] = ()) -> None:
         params = llama_cpp.llama_model_default_params()
         params.n_gpu_layers = n_gpu_layers
+        if devices:  # where the offloaded layers go (RPC servers: thoxd/engine/rpc.py)
+            listed = (ctypes.c_void_p * (len(devices) + 1))(*devices, None)
+            params.devices = ctypes.cast(listed, ctypes.c_void_p)
         ptr = llama_cpp.llama_model_load_from_file(str(path).encode(), params)
         if not ptr:
             raise LlamaLoadError("llama.cpp could not load the model file")

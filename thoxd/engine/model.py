@@ -44,6 +44,7 @@ _INLINE_TOKENIZE_CHARS = 4096
 
 COLD_BATCH = 2048
 UBATCH = 512
+ALL_LAYERS = 999  # n_gpu_layers past any model's count: every layer offloaded
 
 
 @dataclass(frozen=True)
@@ -59,6 +60,8 @@ class EngineConfig:
     faults: Faults = field(default_factory=Faults)  # tests' failure injection (engine/faults.py)
     stop_timeout: float = 10.0  # seconds an engine thread may take to stop before it is left
     client_cap: int = 0  # most slots one client holds while others are served; 0: no cap
+    rpc_build: Path | None = None  # scripts/build-rpc's output, for models split over boxes
+    rpc_in_process: bool = True  # False: such models are served by a process of their own
 
     # Most prompt tokens in one step while the prompt is the only sequence running; 0: 2048
     # (llama-server's n_batch) for a model offloaded to a GPU, where big batches pay, and
@@ -92,6 +95,7 @@ class LoadedModel:
         config: EngineConfig,
         on_finished: Callable[[str, Generation, Finished], None] | None = None,
         memory: MemoryEstimate | None = None,
+        devices: Sequence[int] = (),
     ) -> None:
         self.spec = spec
         self.n_ctx = spec.n_ctx
@@ -101,7 +105,9 @@ class LoadedModel:
         self.last_used = time.monotonic()
         self._users = 0
         self._config = config
-        self.llama = LlamaModel(path, n_gpu_layers=spec.n_gpu_layers)
+        # Split over RPC servers: n_gpu_layers of the layers there, 0 meaning all of them.
+        layers = spec.n_gpu_layers or (ALL_LAYERS if devices else 0)
+        self.llama = LlamaModel(path, n_gpu_layers=layers, devices=devices)
         n_batch, n_ubatch = config.batches(spec)
         try:
             self._ctx = LlamaContext(

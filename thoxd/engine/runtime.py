@@ -40,6 +40,8 @@ from thoxd.engine.llama import LlamaLoadError, backend_init, probe_model, route_
 from thoxd.engine.memory import MemoryEstimate, estimate_memory
 from thoxd.engine.model import EngineConfig, LoadedModel
 from thoxd.engine.request import Finished, Generation
+from thoxd.engine.rpc import LIBRARY as RPC_LIBRARY
+from thoxd.engine.rpc import RpcBackend, RpcUnavailable, reachable
 from thoxd.errors import (
     EngineFailure,
     InsufficientMemory,
@@ -47,6 +49,7 @@ from thoxd.errors import (
     ModelBusy,
     ModelFileRejected,
     ThoxdError,
+    UnsupportedCapability,
 )
 from thoxd.units import format_bytes
 
@@ -77,6 +80,7 @@ class Engine:
         self.stuck = False  # an engine thread did not stop, so its model was never freed
         self._errors: dict[str, str] = {}
         self._load_counts: Counter[str] = Counter()
+        self._rpc: RpcBackend | None = None  # loaded with the first split model
         self._started = False
         self._reaper: asyncio.Task[None] | None = None
         self._idle = asyncio.Event()
@@ -143,6 +147,13 @@ class Engine:
     async def load(self, name: str) -> LoadedModel:
         """Load (or join the load of) a catalog model; 404 for a name the catalog lacks."""
         spec = self.catalog.get(name)
+        if spec.rpc and not self.config.rpc_in_process:  # thoxd/fleet/split.py serves it
+            raise UnsupportedCapability(
+                f"The model '{spec.id}' is split over other boxes and served by a process of its "
+                "own: ask for it on /v1/chat/completions, /v1/completions, /v1/embeddings or "
+                "/v1/stream.",
+                param="model",
+            )
         model = self._loaded.get(spec.id)
         if model is not None and model.failed:
             self._errors[spec.id] = model.failed
@@ -180,13 +191,24 @@ class Engine:
                 logger.info("evicting idle model %s to make room for %s", victim.spec.id, spec.id)
                 self._unload_now(victim)
             await self._settled()
+            devices = await asyncio.to_thread(self._rpc_devices, spec) if spec.rpc else []
             model = await asyncio.to_thread(
-                LoadedModel, spec, prepared.path, self.config, self._finished, prepared.memory
+                LoadedModel,
+                spec,
+                prepared.path,
+                self.config,
+                self._finished,
+                prepared.memory,
+                devices,
             )
         except (ModelFileError, GGUFRejected) as exc:
             self._errors[spec.id] = str(exc)
             logger.error("model %s was refused: %s", spec.id, exc)
             raise ModelFileRejected(spec.id, str(exc)) from None
+        except RpcUnavailable as exc:
+            self._errors[spec.id] = str(exc)
+            logger.error("model %s cannot be split: %s", spec.id, exc)
+            raise EngineFailure(f"The model '{spec.id}' cannot load: {exc}.") from None
         except LlamaLoadError as exc:
             self._errors[spec.id] = "llama.cpp could not load the file"
             logger.error("model %s failed to load: %s", spec.id, exc)
@@ -218,6 +240,16 @@ class Engine:
             format_bytes(self.budget),
         )
         return model
+
+    def _rpc_devices(self, spec: ModelSpec) -> list[int]:
+        """Off the loop: the RPC servers' devices a split model's layers go to."""
+        if self._rpc is None:
+            for endpoint in spec.rpc:  # unreachable is the likelier failure: say that first
+                reachable(endpoint)
+            if self.config.rpc_build is None:
+                raise RpcUnavailable("this daemon has no RPC backend (scripts/build-rpc)")
+            self._rpc = RpcBackend(self.config.rpc_build / "lib" / RPC_LIBRARY)
+        return self._rpc.devices(spec.rpc)
 
     def _prepare(self, spec: ModelSpec) -> Prepared:
         """Off the loop: the file (assembled, sha256 checked), the gate, the estimate."""

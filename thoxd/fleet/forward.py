@@ -56,8 +56,7 @@ class ForwardingMiddleware:
             scope["type"] != "http"
             or scope["method"] != "POST"
             or scope["path"] not in ROUTED_PATHS
-            or not self.router.on
-            or not self.router.fleet.any_usable()  # nowhere else to go: no body to read
+            or not self.router.forwards()  # nowhere else to go: no body to read
             or scope.get("state", {}).get("fleet_hop")
         ):
             await self.app(scope, receive, send)
@@ -73,10 +72,13 @@ class ForwardingMiddleware:
                 refused = Forbidden(f"This API key may not use the model '{model.id}'.")
                 await refuse(scope, receive, send, refused)
                 return
+            await self.router.ready(peer)
             if await forward(self.router.fleet, peer, scope, body, receive, send, caller.id):
                 return
-        if peers and not self.router.local(name):
-            error = PeerUnavailable(f"The boxes serving the model '{name}' are not answering.")
+        if peers and not self.router.here(name):
+            error = PeerUnavailable(
+                f"The model '{name}' is served elsewhere, and what serves it is not answering."
+            )
             await refuse(scope, receive, send, error)
             return
         await self.app(scope, _replay(body, receive), send)
@@ -128,11 +130,9 @@ async def forward(
     client) when the peer could not take it: the caller tries the next one."""
     path = scope["path"]
     query = scope.get("query_string", b"").decode("latin-1")
-    headers = {
-        "content-type": "application/json",
-        "accept": _header(scope, b"accept") or "*/*",
-        HEADER: fleet.trust.sign("POST", path, client),
-    }
+    headers = {"content-type": "application/json", "accept": _header(scope, b"accept") or "*/*"}
+    if fleet.trust.on:  # a split model's own process is no peer: it needs no signature
+        headers[HEADER] = fleet.trust.sign("POST", path, client)
     request = fleet.forwarder.build_request(
         "POST", peer.url + path + (f"?{query}" if query else ""), content=body, headers=headers
     )
