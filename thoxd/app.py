@@ -145,6 +145,11 @@ def create_app(
         ledger.record(gen.client, model, prompt, done.completion_tokens, 0 if fork else 1)
 
     engine.on_finished = finished
+
+    def forwarded(client: str, model: str, prompt: int, completion: int) -> None:
+        # Tokens a client used on another box count here too, where its limits are kept.
+        ledger.record(client, model, prompt, completion, 1)
+
     sampler = SystemSampler(settings.resolved_models_dir)
     hosts = HostNames(
         default_names(settings.hostname, settings.allowed_hosts),
@@ -238,7 +243,11 @@ def create_app(
             Middleware(CrossSiteGuard, allowed_origins=settings.allowed_origins),
             Middleware(ShutdownGate, shutdown=shutdown),
             # Last: a request for a model served elsewhere goes there (thoxd/fleet/forward.py).
-            *([Middleware(ForwardingMiddleware, router=router)] if router is not None else []),
+            *(
+                [Middleware(ForwardingMiddleware, router=router, on_usage=forwarded)]
+                if router is not None
+                else []
+            ),
         ],
         exception_handlers={
             ThoxdError: _thoxd_error,

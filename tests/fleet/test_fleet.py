@@ -148,6 +148,17 @@ def test_a_model_only_c_serves_streams_back_through_a(fleet: dict[str, Daemon]) 
     assert lines[-1] == "data: [DONE]"
     plain = client.completions.create(model="c-only", prompt="Hi", max_tokens=3)
     assert plain.model == "c-only" and plain.usage is not None
+    # A counts what its clients used on C (the ledger is written once a second).
+    until(
+        lambda: (
+            httpx.get(fleet["a"].url + "/v1/usage")
+            .json()["breakdown"]
+            .get("c-only", {})
+            .get("requests", 0)
+            >= 3
+        ),
+        "A's usage does not show the forwarded requests",
+    )
 
 
 def test_a_websocket_request_is_relayed_event_by_event(fleet: dict[str, Daemon]) -> None:

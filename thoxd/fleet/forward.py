@@ -19,6 +19,7 @@ import asyncio
 import contextlib
 import json
 import logging
+from collections.abc import Callable
 
 import httpx
 from starlette.requests import HTTPConnection
@@ -46,10 +47,18 @@ PASSED_HEADERS = frozenset(
 SERVED_BY = "x-thox-served-by"
 
 
+# Tokens used by a forwarded request: (client, model, prompt tokens, completion tokens).
+UsageHook = Callable[[str, str, int, int], None]
+KEEP_JSON = 1 << 20  # bytes of a plain answer kept to read its usage
+KEEP_SSE = 16 << 10  # bytes of a stream's end kept to read its last chunk's usage
+
+
 class ForwardingMiddleware:
-    def __init__(self, app: ASGIApp, router: Router) -> None:
+    def __init__(self, app: ASGIApp, router: Router, on_usage: UsageHook | None = None) -> None:
         self.app = app
         self.router = router
+        # The box the client talks to counts what it used elsewhere too (its tokens_per_day).
+        self.on_usage = on_usage
 
     async def __call__(self, scope: Scope, receive: Receive, send: Send) -> None:
         if (
@@ -73,7 +82,11 @@ class ForwardingMiddleware:
                 await refuse(scope, receive, send, refused)
                 return
             await self.router.ready(peer)
-            if await forward(self.router.fleet, peer, scope, body, receive, send, caller.id):
+            answer = await forward(self.router.fleet, peer, scope, body, receive, send, caller.id)
+            if answer is not None:
+                used = tokens_used(answer)
+                if used is not None and self.on_usage is not None:
+                    self.on_usage(caller.id, model.id, *used)
                 return
         if peers and not self.router.here(name):
             error = PeerUnavailable(
@@ -125,9 +138,10 @@ async def forward(
     receive: Receive,
     send: Send,
     client: str,
-) -> bool:
-    """Send the request to `peer` and its answer to the client. False (nothing was sent to the
-    client) when the peer could not take it: the caller tries the next one."""
+) -> bytes | None:
+    """Send the request to `peer` and its answer to the client; what was kept of the answer (to
+    read its usage from). None (nothing was sent to the client) when the peer could not take
+    it: the caller tries the next one."""
     path = scope["path"]
     query = scope.get("query_string", b"").decode("latin-1")
     headers = {"content-type": "application/json", "accept": _header(scope, b"accept") or "*/*"}
@@ -143,12 +157,11 @@ async def forward(
         except httpx.HTTPError as exc:
             logger.warning("fleet: %s could not take a request: %s", peer.name, type(exc).__name__)
             fleet.failed(peer)
-            return False
+            return None
         try:
             if response.status_code == 503:
-                return False  # shutting down, or its queue is full: the next one may take it
-            await _relay(fleet, peer, response, receive, send)
-            return True
+                return None  # shutting down, or its queue is full: the next one may take it
+            return await _relay(fleet, peer, response, receive, send)
         finally:
             await response.aclose()
     finally:
@@ -157,7 +170,7 @@ async def forward(
 
 async def _relay(
     fleet: Fleet, peer: Peer, response: httpx.Response, receive: Receive, send: Send
-) -> None:
+) -> bytes:
     headers = [
         (k.lower().encode("latin-1"), v.encode("latin-1"))
         for k, v in response.headers.items()
@@ -166,12 +179,16 @@ async def _relay(
     headers.append((SERVED_BY.encode(), peer.name.encode("latin-1", "replace")))
     await send({"type": "http.response.start", "status": response.status_code, "headers": headers})
     sse = response.headers.get("content-type", "").startswith("text/event-stream")
+    kept = bytearray()
 
     async def pump() -> None:
         tail = b""
         try:
             async for chunk in response.aiter_raw():
                 await send({"type": "http.response.body", "body": chunk, "more_body": True})
+                kept.extend(chunk)
+                if sse and len(kept) > 2 * KEEP_SSE:
+                    del kept[:-KEEP_SSE]
         except httpx.HTTPError as exc:
             logger.warning("fleet: %s failed mid-answer: %s", peer.name, type(exc).__name__)
             fleet.failed(peer)
@@ -190,6 +207,28 @@ async def _relay(
             task.cancel()
             with contextlib.suppress(asyncio.CancelledError, OSError):
                 await task
+    return bytes(kept) if sse or len(kept) <= KEEP_JSON else b""
+
+
+def tokens_used(answer: bytes) -> tuple[int, int] | None:
+    """(prompt, completion) tokens from a kept answer: a plain answer's `usage`, or a stream's
+    last chunk that says (`usage` when asked for, else thoxd's `timings`)."""
+    text = answer.decode("utf-8", errors="replace")
+    if text.lstrip().startswith("{"):
+        candidates = [text]
+    else:
+        candidates = [line[6:] for line in text.splitlines() if line.startswith("data: {")]
+    for raw in reversed(candidates):
+        with contextlib.suppress(ValueError, TypeError, AttributeError):
+            data = json.loads(raw)
+            usage, timings = data.get("usage"), data.get("timings")
+            if isinstance(usage, dict):
+                prompt = int(usage.get("prompt_tokens", 0))
+                return prompt, int(usage.get("completion_tokens", 0))
+            if isinstance(timings, dict):
+                prompt = int(timings.get("prompt_n", 0)) + int(timings.get("cache_n", 0))
+                return prompt, int(timings.get("predicted_n", 0))
+    return None
 
 
 def _header(scope: Scope, name: bytes) -> str | None:
