@@ -8,7 +8,7 @@ import socket
 import subprocess
 import sys
 import time
-from collections.abc import Iterator, Mapping, Sequence
+from collections.abc import Callable, Iterator, Mapping, Sequence
 from pathlib import Path
 
 import httpx
@@ -88,6 +88,14 @@ def shelf(tmp_path_factory: pytest.TempPathFactory, gemma_file: Path) -> Path:
         + (1 << 40).to_bytes(8, "little") + b"x" * 64
     )  # fmt: skip
     return root
+
+
+def until(condition: Callable[[], bool], what: str, timeout: float = 60.0) -> None:
+    """Poll `condition`; `timeout` only bounds the wait (past it the state never came)."""
+    deadline = time.monotonic() + timeout
+    while not condition():
+        assert time.monotonic() < deadline, what
+        time.sleep(0.1)
 
 
 def free_port() -> int:

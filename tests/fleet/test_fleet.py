@@ -12,8 +12,7 @@ from __future__ import annotations
 import asyncio
 import json
 import secrets
-import time
-from collections.abc import Callable, Iterator
+from collections.abc import Iterator
 from pathlib import Path
 from typing import Any
 
@@ -22,7 +21,7 @@ import pytest
 import websockets
 from openai import OpenAI
 
-from tests.conftest import Daemon
+from tests.conftest import Daemon, until
 from thoxd.fleet.trust import HEADER, FleetTrust
 
 SECRET = "one-owners-fleet-secret"
@@ -51,14 +50,6 @@ BOXES = {
     "c": (smol("smollm2", '["smol"]') + smol("c-only"), "c-only", SECRET, "2"),
     "d": (smol("d-only"), "d-only", "another-owners-secret", "1"),
 }
-
-
-def until(condition: Callable[[], bool], what: str, timeout: float = 60.0) -> None:
-    """`timeout` only bounds the wait: past it the fleet never got there."""
-    deadline = time.monotonic() + timeout
-    while not condition():
-        assert time.monotonic() < deadline, what
-        time.sleep(0.1)
 
 
 def peers_of(box: Daemon) -> dict[str, dict[str, Any]]:

@@ -7,14 +7,13 @@ from __future__ import annotations
 
 import socket
 import subprocess
-import time
 from collections.abc import Callable, Iterator
 from pathlib import Path
 
 import httpx
 import pytest
 
-from tests.conftest import Daemon, free_port
+from tests.conftest import Daemon, free_port, until
 
 BUILD = Path(__file__).resolve().parents[2] / "build" / "rpc"
 built = pytest.mark.skipif(
@@ -34,14 +33,6 @@ path = "gemma-3-270m-q4_k_m.gguf"
 n_ctx = 1024
 rpc = ["127.0.0.1:{rpc_port}"]
 """
-
-
-def until(condition: Callable[[], bool], what: str, timeout: float = 60.0) -> None:
-    """`timeout` only bounds the wait."""
-    deadline = time.monotonic() + timeout
-    while not condition():
-        assert time.monotonic() < deadline, what
-        time.sleep(0.1)
 
 
 def complete(box: Daemon, model: str, **kw: object) -> httpx.Response:
