@@ -164,7 +164,13 @@ def test_a_websocket_request_is_relayed_event_by_event(fleet: dict[str, Daemon])
                 events.append(json.loads(await asyncio.wait_for(ws.recv(), 60)))
         return events
 
+    def relayed() -> int:
+        usage = httpx.get(fleet["a"].url + "/v1/usage").json()
+        return int(usage["breakdown"].get("c-only", {}).get("requests", 0))
+
+    before = relayed()
     events = asyncio.run(scenario())
+    until(lambda: relayed() > before, "A's usage does not show the relayed request")
     assert events[-1]["type"] == "done", events[-1]
     assert all(e["id"] == "r1" and e["model"] == "c-only" for e in events)
     assert len(events) >= 3  # deltas, then done

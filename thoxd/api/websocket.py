@@ -315,7 +315,15 @@ class _Connection:
         try:
             async with contextlib.aclosing(events):
                 async for event in events:
-                    await self.send({"type": event.pop("type"), **head, **event})
+                    kind = event.pop("type")
+                    await self.send({"type": kind, **head, **event})
+                    if kind == "done" and self.access is not None:  # counted here too
+                        used = event.get("usage") or {}
+                        prompt, completion = (
+                            used.get("prompt_tokens", 0),
+                            used.get("completion_tokens", 0),
+                        )
+                        self.access.ledger.record(caller.id, peers[0][1].id, prompt, completion, 1)
                     if request.cancelled:  # closing the stream cancels it over there
                         done = {"finish_reason": "cancelled", "usage": usage(0, 0, 0)}
                         await self.send({"type": "done", **head, **done})

@@ -31,10 +31,6 @@ class Router:
         self._default = default_model
         self._split = split
 
-    @property
-    def on(self) -> bool:
-        return self.fleet.trust.on or bool(self._split)
-
     def forwards(self) -> bool:
         """Whether any request could go elsewhere now."""
         return bool(self._split) or (self.fleet.trust.on and self.fleet.any_usable())
