@@ -12,7 +12,6 @@ from __future__ import annotations
 
 import argparse
 import asyncio
-import json
 import statistics
 import sys
 from pathlib import Path
@@ -20,7 +19,7 @@ from typing import Any
 
 from concurrency import code_prefix, complete
 from concurrency import machine as machine_info
-from sides import add_server_args, each_side
+from sides import add_server_args, each_side, report
 
 FUNC_TOKENS = 72  # about what one code_prefix function costs in Gemma 3 tokens
 
@@ -63,10 +62,7 @@ def main() -> int:
             f"{statistics.mean(b):.0f} / {min(b):.0f} | "
             f"{statistics.mean(a) / statistics.mean(b):.2f}x |"
         )
-    print("\n".join(lines))
-    if args.json:
-        args.json.write_text(json.dumps({**results, "table": lines}, indent=1, default=str))
-    return 0
+    return report(lines, results, args.json)
 
 
 if __name__ == "__main__":

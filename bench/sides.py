@@ -6,6 +6,7 @@ from __future__ import annotations
 
 import argparse
 import importlib.metadata
+import json
 import os
 import sys
 import tempfile
@@ -58,3 +59,11 @@ def each_side(args: argparse.Namespace, measure: Callable[[str], Any]) -> dict[s
             finally:
                 server.stop()
     return results
+
+
+def report(lines: list[str], results: dict[str, Any], json_path: Path | None) -> int:
+    """Print the table; with --json, save it and every number beside it."""
+    print("\n".join(lines))
+    if json_path:
+        json_path.write_text(json.dumps({**results, "table": lines}, indent=1, default=str))
+    return 0

@@ -28,7 +28,7 @@ from typing import Any
 import httpx
 from concurrency import MODEL_ID, WORDS, code_prefix
 from concurrency import machine as machine_info
-from sides import add_server_args, each_side
+from sides import add_server_args, each_side, report
 
 RULES = (
     f"Rule {i}: prefer {w} solutions that keep {w} data local." for i, w in enumerate(WORDS * 6)
@@ -111,10 +111,7 @@ def main() -> int:
             f"| {key} | {a['tok_s']:.1f} | {b['tok_s']:.1f} | {a['tok_s'] / b['tok_s']:.2f}x | "
             f"{a['ttft_ms']:.0f} | {b['ttft_ms']:.0f} |"
         )
-    print("\n".join(lines))
-    if args.json:
-        args.json.write_text(json.dumps({**results, "table": lines}, indent=1, default=str))
-    return 0
+    return report(lines, results, args.json)
 
 
 if __name__ == "__main__":

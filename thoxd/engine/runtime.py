@@ -23,31 +23,23 @@ from __future__ import annotations
 
 import asyncio
 import contextlib
-import errno
 import logging
 import math
 import time
 from collections import Counter
 from collections.abc import AsyncIterator, Callable
-from dataclasses import dataclass
-from pathlib import Path
 
 from thoxd.catalog.entries import Catalog, ModelSpec
-from thoxd.catalog.files import ModelFileError, ensure_model_file, model_path
-from thoxd.catalog.gguf import GGUFRejected, check_gguf
-from thoxd.engine.embed import EMBED_BATCH
-from thoxd.engine.llama import LlamaLoadError, backend_init, probe_model, route_llama_logs
-from thoxd.engine.memory import MemoryEstimate, estimate_memory
+from thoxd.engine.llama import backend_init, probe_model, route_llama_logs
+from thoxd.engine.loading import Loader, load_failure
+from thoxd.engine.memory import MemoryEstimate
 from thoxd.engine.model import EngineConfig, LoadedModel
 from thoxd.engine.request import Finished, Generation
-from thoxd.engine.rpc import LIBRARY as RPC_LIBRARY
-from thoxd.engine.rpc import RpcBackend, RpcUnavailable, reachable
 from thoxd.errors import (
     EngineFailure,
     InsufficientMemory,
     MemoryBusy,
     ModelBusy,
-    ModelFileRejected,
     ThoxdError,
     UnsupportedCapability,
 )
@@ -61,14 +53,6 @@ logger = logging.getLogger("thoxd.engine")
 _REAP_INTERVAL = 1.0
 
 
-@dataclass(frozen=True)
-class Prepared:
-    """A model file that passed the gate, with its estimated cost."""
-
-    path: Path
-    memory: MemoryEstimate
-
-
 class Engine:
     def __init__(self, catalog: Catalog, config: EngineConfig) -> None:
         self.catalog = catalog
@@ -80,7 +64,7 @@ class Engine:
         self.stuck = False  # an engine thread did not stop, so its model was never freed
         self._errors: dict[str, str] = {}
         self._load_counts: Counter[str] = Counter()
-        self._rpc: RpcBackend | None = None  # loaded with the first split model
+        self._loader = Loader(config)  # files, gate, estimates, RPC devices (loading.py)
         self._started = False
         self._reaper: asyncio.Task[None] | None = None
         self._idle = asyncio.Event()
@@ -176,7 +160,9 @@ class Engine:
         started = time.monotonic()
         try:
             self._start_backend()
-            prepared = await asyncio.to_thread(self._prepare, spec)
+            prepared = await asyncio.to_thread(self._loader.prepare, spec)
+            # A split model's servers answer, or nothing is evicted for it.
+            devices = await asyncio.to_thread(self._loader.rpc_devices, spec)
             try:
                 victims = self._plan_room(spec, prepared.memory)
             except InsufficientMemory as exc:
@@ -191,7 +177,6 @@ class Engine:
                 logger.info("evicting idle model %s to make room for %s", victim.spec.id, spec.id)
                 self._unload_now(victim)
             await self._settled()
-            devices = await asyncio.to_thread(self._rpc_devices, spec) if spec.rpc else []
             model = await asyncio.to_thread(
                 LoadedModel,
                 spec,
@@ -201,26 +186,11 @@ class Engine:
                 prepared.memory,
                 devices,
             )
-        except (ModelFileError, GGUFRejected) as exc:
-            self._errors[spec.id] = str(exc)
-            logger.error("model %s was refused: %s", spec.id, exc)
-            raise ModelFileRejected(spec.id, str(exc)) from None
-        except RpcUnavailable as exc:
-            self._errors[spec.id] = str(exc)
-            logger.error("model %s cannot be split: %s", spec.id, exc)
-            raise EngineFailure(f"The model '{spec.id}' cannot load: {exc}.") from None
-        except LlamaLoadError as exc:
-            self._errors[spec.id] = "llama.cpp could not load the file"
-            logger.error("model %s failed to load: %s", spec.id, exc)
-            raise EngineFailure(f"The model '{spec.id}' failed to load.") from None
         except ThoxdError:
             raise
-        except Exception as exc:  # anything else (a full disk, a bug): say so, stay usable
-            self._errors[spec.id] = _load_failure(exc)
-            logger.exception("model %s failed to load", spec.id)
-            raise EngineFailure(
-                f"The model '{spec.id}' failed to load: {self._errors[spec.id]}."
-            ) from None
+        except Exception as exc:  # the file, llama.cpp, an RPC server, a full disk, a bug
+            self._errors[spec.id], error = load_failure(spec.id, exc)
+            raise error from None
         finally:
             self._loading.pop(spec.id, None)
             self._reserved.pop(spec.id, None)
@@ -241,41 +211,9 @@ class Engine:
         )
         return model
 
-    def _rpc_devices(self, spec: ModelSpec) -> list[int]:
-        """Off the loop: the RPC servers' devices a split model's layers go to."""
-        if self._rpc is None:
-            for endpoint in spec.rpc:  # unreachable is the likelier failure: say that first
-                reachable(endpoint)
-            if self.config.rpc_build is None:
-                raise RpcUnavailable("this daemon has no RPC backend (scripts/build-rpc)")
-            self._rpc = RpcBackend(self.config.rpc_build / "lib" / RPC_LIBRARY)
-        return self._rpc.devices(spec.rpc)
-
-    def _prepare(self, spec: ModelSpec) -> Prepared:
-        """Off the loop: the file (assembled, sha256 checked), the gate, the estimate."""
-        self.config.faults.load(spec.id)
-        path = ensure_model_file(spec, self.config.models_dir)
-        return Prepared(path, self._estimate(spec, path))
-
     def estimate(self, spec: ModelSpec) -> MemoryEstimate | None:
         """The cost of `spec` if its file is present and passes the gate (a blocking read)."""
-        try:
-            return self._estimate(spec, model_path(spec, self.config.models_dir))
-        except (ModelFileError, GGUFRejected):
-            return None
-
-    def _estimate(self, spec: ModelSpec, path: Path) -> MemoryEstimate:
-        # Our own bounded header check, before llama.cpp's C++ parser ever sees the file.
-        info = check_gguf(path, root=self.config.models_dir)
-        return estimate_memory(
-            info,
-            n_ctx=spec.n_ctx,
-            slots=self.config.slots,
-            outputs=self.config.max_outputs,
-            batch_size=self.config.batches(spec)[1],
-            embeddings="embeddings" in spec.capabilities,
-            embed_batch=EMBED_BATCH,
-        )
+        return self._loader.estimate(spec)
 
     def _plan_room(self, spec: ModelSpec, need: MemoryEstimate) -> list[LoadedModel]:
         """The idle models to evict (least recently used first) so `need` fits, or an error."""
@@ -420,10 +358,3 @@ class Engine:
         for model in models:
             if not await asyncio.to_thread(model.close):
                 self.stuck = True
-
-
-def _load_failure(exc: Exception) -> str:
-    """A reason for a failed load that a client may read: no paths, no library text."""
-    if isinstance(exc, OSError) and exc.errno is not None:
-        return f"a file operation failed ({errno.errorcode.get(exc.errno, exc.errno)})"
-    return f"an unexpected {type(exc).__name__}"

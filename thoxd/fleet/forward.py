@@ -22,6 +22,7 @@ import logging
 from collections.abc import Callable
 
 import httpx
+from starlette.datastructures import Headers
 from starlette.requests import HTTPConnection
 from starlette.types import ASGIApp, Message, Receive, Scope, Send
 
@@ -144,7 +145,8 @@ async def forward(
     it: the caller tries the next one."""
     path = scope["path"]
     query = scope.get("query_string", b"").decode("latin-1")
-    headers = {"content-type": "application/json", "accept": _header(scope, b"accept") or "*/*"}
+    accept = Headers(scope=scope).get("accept", "*/*")
+    headers = {"content-type": "application/json", "accept": accept}
     if fleet.trust.on:  # a split model's own process is no peer: it needs no signature
         headers[HEADER] = fleet.trust.sign("POST", path, client)
     request = fleet.forwarder.build_request(
@@ -228,11 +230,4 @@ def tokens_used(answer: bytes) -> tuple[int, int] | None:
             if isinstance(timings, dict):
                 prompt = int(timings.get("prompt_n", 0)) + int(timings.get("cache_n", 0))
                 return prompt, int(timings.get("predicted_n", 0))
-    return None
-
-
-def _header(scope: Scope, name: bytes) -> str | None:
-    for key, value in scope.get("headers", []):
-        if key == name:
-            return str(value.decode("latin-1"))
     return None

@@ -1,0 +1,101 @@
+"""What a model load needs before llama.cpp reads its weights, and what a failed one says.
+
+Off the event loop: the file (assembled, sha256 checked), our own bounded GGUF gate, the memory
+estimate from its header, and for a model split over RPC servers (thoxd/engine/rpc.py) their
+devices, each server reached first. `load_failure` turns whatever a load raised into the reason
+the model's state keeps and the error its client gets: no paths, no library text.
+"""
+
+from __future__ import annotations
+
+import errno
+import logging
+from dataclasses import dataclass
+from pathlib import Path
+
+from thoxd.catalog.entries import ModelSpec
+from thoxd.catalog.files import ModelFileError, ensure_model_file, model_path
+from thoxd.catalog.gguf import GGUFRejected, check_gguf
+from thoxd.engine.embed import EMBED_BATCH
+from thoxd.engine.llama import LlamaLoadError
+from thoxd.engine.memory import MemoryEstimate, estimate_memory
+from thoxd.engine.model import EngineConfig
+from thoxd.engine.rpc import LIBRARY as RPC_LIBRARY
+from thoxd.engine.rpc import RpcBackend, RpcUnavailable, reachable
+from thoxd.errors import EngineFailure, ModelFileRejected, ThoxdError
+
+logger = logging.getLogger("thoxd.engine")
+
+
+@dataclass(frozen=True)
+class Prepared:
+    """A model file that passed the gate, with its estimated cost."""
+
+    path: Path
+    memory: MemoryEstimate
+
+
+class Loader:
+    def __init__(self, config: EngineConfig) -> None:
+        self.config = config
+        self._rpc: RpcBackend | None = None  # loaded with the first split model
+
+    def prepare(self, spec: ModelSpec) -> Prepared:
+        """The file (assembled, sha256 checked), the gate, the estimate. Blocking."""
+        self.config.faults.load(spec.id)
+        path = ensure_model_file(spec, self.config.models_dir)
+        return Prepared(path, self._estimate(spec, path))
+
+    def estimate(self, spec: ModelSpec) -> MemoryEstimate | None:
+        """The cost of `spec` if its file is present and passes the gate. Blocking."""
+        try:
+            return self._estimate(spec, model_path(spec, self.config.models_dir))
+        except (ModelFileError, GGUFRejected):
+            return None
+
+    def _estimate(self, spec: ModelSpec, path: Path) -> MemoryEstimate:
+        # Our own bounded header check, before llama.cpp's C++ parser ever sees the file.
+        info = check_gguf(path, root=self.config.models_dir)
+        return estimate_memory(
+            info,
+            n_ctx=spec.n_ctx,
+            slots=self.config.slots,
+            outputs=self.config.max_outputs,
+            batch_size=self.config.batches(spec)[1],
+            embeddings="embeddings" in spec.capabilities,
+            embed_batch=EMBED_BATCH,
+        )
+
+    def rpc_devices(self, spec: ModelSpec) -> list[int]:
+        """The RPC servers' devices a split model's layers go to; [] for any other. Blocking."""
+        if not spec.rpc:
+            return []
+        if self._rpc is None:
+            for endpoint in spec.rpc:  # unreachable is the likelier failure: say that first
+                reachable(endpoint)
+            if self.config.rpc_build is None:
+                raise RpcUnavailable("this daemon has no RPC backend (scripts/build-rpc)")
+            self._rpc = RpcBackend(self.config.rpc_build / "lib" / RPC_LIBRARY)
+        return self._rpc.devices(spec.rpc)
+
+
+def load_failure(model_id: str, exc: Exception) -> tuple[str, ThoxdError]:
+    """The reason a failed load leaves in the model's state, and the error for its client."""
+    if isinstance(exc, ModelFileError | GGUFRejected):
+        logger.error("model %s was refused: %s", model_id, exc)
+        return str(exc), ModelFileRejected(model_id, str(exc))
+    if isinstance(exc, RpcUnavailable):
+        logger.error("model %s cannot be split: %s", model_id, exc)
+        return str(exc), EngineFailure(f"The model '{model_id}' cannot load: {exc}.")
+    if isinstance(exc, LlamaLoadError):
+        logger.error("model %s failed to load: %s", model_id, exc)
+        return "llama.cpp could not load the file", EngineFailure(
+            f"The model '{model_id}' failed to load."
+        )
+    # Anything else (a full disk, a bug): say so, stay usable.
+    logger.error("model %s failed to load", model_id, exc_info=exc)
+    if isinstance(exc, OSError) and exc.errno is not None:
+        reason = f"a file operation failed ({errno.errorcode.get(exc.errno, exc.errno)})"
+    else:
+        reason = f"an unexpected {type(exc).__name__}"
+    return reason, EngineFailure(f"The model '{model_id}' failed to load: {reason}.")
