@@ -135,6 +135,35 @@ def test_flat_costs_draft_everything_and_unmeasured_sizes_nothing() -> None:
     assert StepCosts({}).plan(1, [_steady(0.99)]) == [0]
 
 
+def test_the_costs_follow_the_steps_that_run() -> None:
+    # Measured at load while something else ran: a second row looked nearly free.
+    costs = StepCosts({1: 10.0, 2: 11.0})
+    assert costs.plan(1, [_steady(0.8)]) == [1]
+    for _ in range(40):  # the two-row steps that ran cost twice one row
+        costs.observe(2, 20.0)
+    assert 19.0 < costs.ms[2] < 20.0
+    assert costs.plan(1, [_steady(0.8)]) == [0]
+    fixed = StepCosts({1: 10.0, 2: 11.0}, learn=False)  # tests' stand-in for a GPU step
+    fixed.observe(2, 20.0)
+    assert fixed.ms[2] == 11.0
+
+
+def test_sizes_the_load_did_not_measure_are_tried_now_and_then() -> None:
+    # The load-time budget ran out after one size (a loaded machine): the others are planned
+    # once every EXPLORE_EVERY plans, smallest first, until a step has measured them.
+    costs = StepCosts({1: 10.0}, sizes=[1, 2, 3, 4, 8])
+    plans = [costs.plan(1, [_steady(0.9)]) for _ in range(StepCosts.EXPLORE_EVERY)]
+    assert plans[:-1] == [[0]] * (StepCosts.EXPLORE_EVERY - 1) and plans[-1] == [1]
+    costs.observe(2, 12.0)  # that step: two rows
+    plans = [costs.plan(1, [_steady(0.9)]) for _ in range(StepCosts.EXPLORE_EVERY)]
+    assert plans[-1] == [2]  # 3 rows next; 2 rows are planned on their merit meanwhile
+    assert plans[:-1] == [[1]] * (StepCosts.EXPLORE_EVERY - 1)
+    # Out of reach (no guesses) nothing is tried; without learning, nothing ever.
+    assert costs.plan(1, [[]]) == [0]
+    frozen = StepCosts({1: 10.0}, sizes=[1, 2], learn=False)
+    assert all(frozen.plan(1, [_steady(0.9)]) == [0] for _ in range(100))
+
+
 def test_propose_hands_every_guess_list_to_its_record() -> None:
     lookups = [Lookup([1, 2, 3, 4, 5, 1, 2]), Lookup([5, 6])]
     records = [Acceptance(4, prior=0.99), Acceptance(4, prior=0.99)]
@@ -179,7 +208,7 @@ def eager(default_spec: ModelSpec, model_file: Path, models_dir: Path) -> Iterat
     tested above; these tests check what drafting does.)"""
     m = load_model(default_spec, model_file, models_dir)
     asyncio.run(run_prompt(m, "Hello", max_tokens=1))  # the costs are measured first: replace them
-    m.scheduler._costs = StepCosts(dict.fromkeys(range(1, 17), 10.0))
+    m.scheduler._costs = StepCosts(dict.fromkeys(range(1, 17), 10.0), learn=False)
     yield m
     m.close()
 
@@ -192,6 +221,21 @@ def test_the_step_costs_were_measured_at_load(model: LoadedModel) -> None:
     # one may stop early, and what was not measured is never planned).
     assert costs and sorted(costs) == wanted[: len(costs)]
     assert all(ms > 0 for ms in costs.values())
+
+
+def test_the_engine_learns_step_costs_from_its_steps(
+    default_spec: ModelSpec, model_file: Path, models_dir: Path
+) -> None:
+    m = load_model(default_spec, model_file, models_dir)
+    try:
+        asyncio.run(run_prompt(m, "Hello", max_tokens=1))  # the load's measurement is done
+        # As if the load's budget had run out at once: nothing known, every size wanted.
+        m.scheduler._costs = costs = StepCosts({}, sizes=row_counts(4, 16))
+        asyncio.run(run_prompt(m, REPEATING, max_tokens=96))
+    finally:
+        m.close()
+    assert costs.ms[1] > 0  # one-row steps ran, so their cost is known now
+    assert len(costs.ms) > 1  # and with guesses to check, a bigger size was tried
 
 
 def test_step_costs_stop_at_their_time_budget(model: LoadedModel) -> None:

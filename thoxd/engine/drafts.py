@@ -107,11 +107,32 @@ class Acceptance:
 
 
 class StepCosts:
-    """Milliseconds a step takes with n output rows, for the n that were measured."""
+    """Milliseconds a step takes with n output rows, measured at load and kept up to date by
+    the steps that run (`observe`): a machine busy or idle at load, or another process taking
+    a core later, would otherwise leave the plan drafting where drafts no longer pay.
 
-    def __init__(self, ms: dict[int, float]) -> None:
+    `sizes` are the row counts worth knowing; those the load-time budget left unmeasured are
+    tried with real drafts now and then (`EXPLORE_EVERY` plans), so that a calibration cut
+    short on a loaded machine still learns them, at the cost of one step now and then."""
+
+    LEARN = 1 / 16  # weight of a new step's time: ~16 steps of history
+    EXPLORE_EVERY = 32
+
+    def __init__(self, ms: dict[int, float], sizes: Sequence[int] = (), learn: bool = True) -> None:
         self.ms = dict(ms)
-        self.max_rows = max(ms, default=0)
+        self.max_rows = max([*ms, *sizes], default=0)
+        self._missing = sorted(set(sizes) - set(ms))
+        self._learn = learn
+        self._plans = 0
+
+    def observe(self, rows: int, ms: float) -> None:
+        """A real step of `rows` output rows (no prefill) took `ms`."""
+        if not self._learn:
+            return
+        old = self.ms.get(rows)
+        self.ms[rows] = ms if old is None else old + self.LEARN * (ms - old)
+        if rows in self._missing:
+            self._missing.remove(rows)
 
     def plan(self, base: int, gains: Sequence[Sequence[float]]) -> list[int]:
         """How many drafts to check for each sequence this step.
@@ -126,15 +147,28 @@ class StepCosts:
         if base_ms is None:
             return counts
         ranked = sorted(((g, i) for i, seq in enumerate(gains) for g in seq), reverse=True)
+        ranked = ranked[: max(self.max_rows - base, 0)]
         best, best_rate, expected = 0, base / base_ms, float(base)
-        for k, (gain, _) in enumerate(ranked[: max(self.max_rows - base, 0)], start=1):
+        for k, (gain, _) in enumerate(ranked, start=1):
             expected += gain
             ms = self.ms.get(base + k)
             if ms is not None and expected / ms > best_rate:
                 best, best_rate = k, expected / ms
+        best = max(best, self._explore(base, len(ranked)))
         for _, i in ranked[:best]:
             counts[i] += 1
         return counts
+
+    def _explore(self, base: int, drafts: int) -> int:
+        """Drafts that make this step one of the unmeasured sizes, every EXPLORE_EVERY plans
+        while some are left and within reach; else 0."""
+        if not self._missing or not self._learn:
+            return 0
+        self._plans += 1
+        if self._plans % self.EXPLORE_EVERY:
+            return 0
+        reach = [n for n in self._missing if base < n <= base + drafts]
+        return reach[0] - base if reach else 0
 
 
 def propose(
@@ -172,8 +206,9 @@ def measure_step_costs(
 ) -> StepCosts:
     """Time one decode step for each row count, smallest first (best of two, after a warm-up
     step), on `seq_id`, which must be empty, and leave it empty. Counts still unmeasured when
-    `budget_s` is spent stay so, and are never planned: a large model on a small CPU does not
-    hold its first request back for long (Gemma 3 270M measures them all in ~0.5 s here)."""
+    `budget_s` is spent are learned later from real steps (`StepCosts`): a large model on a
+    small CPU does not hold its first request back for long (Gemma 3 270M measures them all in
+    ~0.5 s here)."""
     ms: dict[int, float] = {}
     deadline = time.perf_counter() + budget_s
     for n in [sizes[0], *sizes, *sizes]:
@@ -187,8 +222,8 @@ def measure_step_costs(
         elapsed = (time.perf_counter() - t0) * 1000.0
         ctx.seq_rm(seq_id, 0)
         if rc != 0:
-            return StepCosts({})
+            return StepCosts({}, learn=False)
         ms[n] = min(ms.get(n, elapsed), elapsed)
     batch.clear()
     logger.info("step ms by output rows: %s", ", ".join(f"{n}: {ms[n]:.1f}" for n in sorted(ms)))
-    return StepCosts(ms)
+    return StepCosts(ms, sizes)

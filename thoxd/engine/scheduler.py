@@ -112,7 +112,8 @@ class Scheduler:
         self._shared_batch = shared_batch or ctx.n_batch
         self._draft_max = draft_max if model.rewindable else 0
         self._max_outputs = min(max_outputs or n_slots, ctx.n_batch)
-        self._costs = StepCosts({})  # measured when the thread starts, if drafts are on
+        # Measured when the thread starts if drafts are on, then learned from the steps.
+        self._costs = StepCosts({}, learn=False)
         self._queue = WaitQueue(queue_size, client_cap)
         self._embedder = embedder
         self._faults = faults or Faults()
@@ -323,7 +324,10 @@ class Scheduler:
         rc = self._faults.decode(self._name, batch.n_tokens)
         if rc is None:
             self._outbox.flush()  # the last step's tokens, as this thread lets go of the GIL
+            started = time.perf_counter()
             rc = self._ctx.decode(batch)
+            if not prefill and rc == 0:  # what the plan weighs: a step of output rows only
+                self._costs.observe(batch.n_tokens, (time.perf_counter() - started) * 1000.0)
         if rc != 0:
             raise EngineFailure(f"llama_decode returned {rc}")
         for slot, rows, drafts in outputs:
