@@ -21,6 +21,7 @@ import os
 import statistics
 import sys
 import time
+from collections.abc import Callable, Sequence
 from pathlib import Path
 from typing import Any
 
@@ -36,24 +37,46 @@ from thoxd.engine.llama import (
     route_llama_logs,
 )
 
+Picker = Callable[[LlamaContext, int], int]  # the token a sequence takes from a batch row
 
-def one_round(ctx: LlamaContext, prompts: list[list[int]], tokens: int) -> tuple[int, float]:
-    """Generated tokens and wall seconds for C prompts decoded side by side."""
+
+def greedy(ctx: LlamaContext, row: int) -> int:
+    return int(np.argmax(ctx.logits(row)))
+
+
+def one_round(
+    ctx: LlamaContext, prompts: list[list[int]], tokens: int, pickers: Sequence[Picker] = ()
+) -> tuple[int, float]:
+    """Generated tokens and wall seconds for C prompts decoded side by side, each sequence's
+    tokens picked by its picker (greedy without)."""
+    pick = list(pickers) or [greedy] * len(prompts)
     ctx.clear()
-    batch = Batch(max(sum(len(p) for p in prompts), len(prompts)))
+    batch = Batch(ctx.n_batch)
     model = ctx.model
     try:
         t0 = time.perf_counter()
+        # Every prompt token, the last ones (with logits) at the end; in steps of the whole
+        # batch (as llama-server), the first one short so that the last holds all of those.
+        rows = [(t, i, seq, False) for seq, p in enumerate(prompts) for i, t in enumerate(p[:-1])]
+        rows += [(p[-1], len(p) - 1, seq, True) for seq, p in enumerate(prompts)]
+        n, first = ctx.n_batch, len(rows) % ctx.n_batch or ctx.n_batch
+        chunks = [rows[:first]] + [rows[s : s + n] for s in range(first, len(rows), n)]
         index = {}
-        for seq, prompt in enumerate(prompts):
-            batch.add_sequence(prompt[:-1], 0, seq)
-            index[seq] = batch.add(prompt[-1], len(prompt) - 1, seq, logits=True)
+        for k, chunk in enumerate(chunks):
+            if k:  # the chunk before, without outputs
+                if ctx.decode(batch) != 0:
+                    raise RuntimeError("llama_decode failed")
+                batch.clear()
+            for token, i, seq, last in chunk:
+                row = batch.add(token, i, seq, logits=last)
+                if last:
+                    index[seq] = row
         pos = {seq: len(p) for seq, p in enumerate(prompts)}
         made = dict.fromkeys(index, 0)
         while index:
             if ctx.decode(batch) != 0:
                 raise RuntimeError("llama_decode failed")
-            picks = {seq: int(np.argmax(ctx.logits(i))) for seq, i in index.items()}
+            picks = {seq: pick[seq](ctx, i) for seq, i in index.items()}
             batch.clear()
             index = {}
             for seq, token in picks.items():
@@ -99,14 +122,21 @@ def print_step_costs(ctx: LlamaContext, slots: int) -> None:
             print(f"{n:9} | {every:20.1f} | {one:19.1f} | {extra}")
 
 
-def measure(model_file: Path, threads: int, slots: int, levels: list[int], rounds: int,
-            tokens: int, step_costs: bool = False) -> dict[int, dict[str, Any]]:  # fmt: skip
-    """{C: tok/s per round and their mean}, with the prompts concurrency.py's load sends."""
+def open_context(model_file: Path, threads: int, slots: int) -> tuple[LlamaModel, LlamaContext]:
+    """The model and a context shaped as the servers' are (bench/sides.py)."""
     route_llama_logs()
     backend_init()
     model = LlamaModel(model_file)
-    config = ContextConfig(n_ctx=N_CTX * slots, n_seq_max=slots, n_batch=512, n_threads=threads)
-    ctx = LlamaContext(model, config)
+    config = ContextConfig(
+        n_ctx=N_CTX * slots, n_seq_max=slots, n_batch=2048, n_ubatch=512, n_threads=threads
+    )
+    return model, LlamaContext(model, config)
+
+
+def measure(model_file: Path, threads: int, slots: int, levels: list[int], rounds: int,
+            tokens: int, step_costs: bool = False) -> dict[int, dict[str, Any]]:  # fmt: skip
+    """{C: tok/s per round and their mean}, with the prompts concurrency.py's load sends."""
+    model, ctx = open_context(model_file, threads, slots)
     try:
         one_round(ctx, [model.tokenize(counting_prompt(7), add_special=True)], 16)  # warm-up
         if step_costs:

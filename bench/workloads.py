@@ -9,9 +9,12 @@ user actually sends, each on /v1/completions with the same sampling on both serv
     chat    a long system prompt (~700 tokens, the same for every request: a prefix-cache hit
             after the first) and a short question, temperature 0.7 with a seed
 
-at C = 1 and 4 concurrent streams, `--rounds` rounds each, new prompts every round; aggregate
+at C = 1, 4 and 8 concurrent streams, `--rounds` rounds each, new prompts every round; aggregate
 tok/s and mean TTFT. One server at a time, same GGUF, threads, slots and context as
-bench/concurrency.py. Usage: bench/workloads.py [--rounds 3] [--tokens 128] [--draft-max N]
+bench/concurrency.py. Then the ceiling: llama.cpp driven directly (bench/ceiling.py, no server)
+with the same prompts, the same sampling done by llama.cpp's own sampler chain, at most `--slots`
+sequences at once (C=8 on 4 slots: two waves of four, the most a 4-slot server can run).
+Usage: bench/workloads.py [--rounds 3] [--tokens 128] [--draft-max N] [--no-ceiling]
 """
 
 from __future__ import annotations
@@ -26,7 +29,9 @@ from pathlib import Path
 from typing import Any
 
 import httpx
-from concurrency import MODEL_ID, WORDS, code_prefix
+import llama_cpp
+from ceiling import Picker, greedy, one_round, open_context
+from concurrency import MODEL_FILE, MODEL_ID, WORDS, code_prefix
 from concurrency import machine as machine_info
 from sides import add_server_args, each_side, report
 
@@ -80,14 +85,65 @@ async def load(url: str, kind: str, c: int, rounds: int, tokens: int) -> dict[st
     return {"tok_s": statistics.mean(rates), "ttft_ms": statistics.mean(ttft)}
 
 
+def picker(sampling: dict[str, Any], chains: list[Any]) -> Picker:
+    """What llama.cpp itself would pick with these settings: greedy at temperature 0, else
+    llama-server's default chain (top_k 40, top_p 0.95, min_p 0.05), then temperature and seed."""
+    if not sampling["temperature"]:
+        return greedy
+    chain = llama_cpp.llama_sampler_chain_init(llama_cpp.llama_sampler_chain_default_params())
+    for sampler in (
+        llama_cpp.llama_sampler_init_top_k(sampling.get("top_k", 40)),
+        llama_cpp.llama_sampler_init_top_p(sampling.get("top_p", 0.95), 1),
+        llama_cpp.llama_sampler_init_min_p(sampling.get("min_p", 0.05), 1),
+        llama_cpp.llama_sampler_init_temp(sampling["temperature"]),
+        llama_cpp.llama_sampler_init_dist(sampling["seed"]),
+    ):
+        llama_cpp.llama_sampler_chain_add(chain, sampler)
+    chains.append(chain)
+    return lambda ctx, row: int(llama_cpp.llama_sampler_sample(chain, ctx.ptr, row))
+
+
+def direct(args: argparse.Namespace) -> dict[str, dict[str, float]]:
+    """The ceiling: each workload's rounds decoded by llama.cpp directly, `--slots` at a time."""
+    model, ctx = open_context(args.models_dir / MODEL_FILE, args.threads, args.slots)
+    out = {}
+    try:
+        one_round(ctx, [model.tokenize("Warm up: 1, 2, 3,", add_special=True)], 8)
+        for kind in args.kinds:
+            for c in args.concurrency:
+                made, wall = 0, 0.0
+                for r in range(args.rounds):
+                    asks = [prompt(kind, 1000 * c + 10 * r + i) for i in range(c)]
+                    for w in range(0, c, args.slots):
+                        wave, chains = asks[w : w + args.slots], []
+                        try:
+                            n, s = one_round(
+                                ctx,
+                                [model.tokenize(text, add_special=True) for text, _ in wave],
+                                args.tokens,
+                                [picker(sampling, chains) for _, sampling in wave],
+                            )
+                        finally:
+                            for chain in chains:
+                                llama_cpp.llama_sampler_free(chain)
+                        made, wall = made + n, wall + s
+                out[f"{kind} C={c}"] = {"tok_s": made / wall}
+    finally:
+        ctx.close()
+        model.close()
+    return out
+
+
 def main() -> int:
     p = argparse.ArgumentParser(description=__doc__.split("\n")[0])
     add_server_args(p)
     p.add_argument("--rounds", type=int, default=3)
     p.add_argument("--tokens", type=int, default=128)
-    p.add_argument("--concurrency", type=lambda v: [int(x) for x in v.split(",")], default=[1, 4])
+    levels = lambda v: [int(x) for x in v.split(",")]  # noqa: E731
+    p.add_argument("--concurrency", type=levels, default=[1, 4, 8])
     p.add_argument("--kinds", type=lambda v: v.split(","), default=["prose", "code", "chat"])
     p.add_argument("--json", type=Path)
+    p.add_argument("--no-ceiling", action="store_true", help="skip llama.cpp driven directly")
     args = p.parse_args()
 
     def measure(url: str) -> dict[str, dict[str, float]]:
@@ -100,16 +156,21 @@ def main() -> int:
 
     results: dict[str, Any] = {"machine": machine_info(), "args": vars(args)}
     results.update(each_side(args, measure))
+    if not args.no_ceiling:
+        print("== llama.cpp direct", flush=True)
+        results["direct"] = direct(args)
     lines = [
-        "| workload | thoxd tok/s | llama-server tok/s | ratio | thoxd TTFT ms | "
-        "llama-server TTFT ms |",
-        "| - | - | - | - | - | - |",
+        "| workload | thoxd tok/s | llama-server tok/s | thoxd / llama-server | direct tok/s | "
+        "thoxd / direct | llama-server / direct | thoxd TTFT ms | llama-server TTFT ms |",
+        "| - | - | - | - | - | - | - | - | - |",
     ]
     for key, a in results["thoxd"].items():
         b = results["llama-server"][key]
+        top = results.get("direct", {}).get(key, {}).get("tok_s")
+        vs = f"{top:.1f} | {a['tok_s'] / top:.2f} | {b['tok_s'] / top:.2f}" if top else "- | - | -"
         lines.append(
             f"| {key} | {a['tok_s']:.1f} | {b['tok_s']:.1f} | {a['tok_s'] / b['tok_s']:.2f}x | "
-            f"{a['ttft_ms']:.0f} | {b['ttft_ms']:.0f} |"
+            f"{vs} | {a['ttft_ms']:.0f} | {b['ttft_ms']:.0f} |"
         )
     return report(lines, results, args.json)
 
