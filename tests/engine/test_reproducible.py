@@ -1,7 +1,7 @@
 """A lone request gives the same tokens, with the same log probabilities, whatever ran before it:
 on a fresh engine, after its cache was parked and restored, after other requests ran alone or
 together, and with 2 or 4 slots (README, "Concurrency and determinism"). The cache is laid out
-for it as on a fresh context (thoxd.engine.slots.lay_out); llama.cpp's attention sums over cells
+for it as on a fresh context (thoxd.engine.placement.lay_out); llama.cpp's attention sums over cells
 in cell order, so the same cells elsewhere give other logits."""
 
 from __future__ import annotations
@@ -16,9 +16,10 @@ from tests.engine.helpers import load_model
 from thoxd.catalog.entries import ModelSpec
 from thoxd.engine.llama import LlamaContext
 from thoxd.engine.model import LoadedModel
+from thoxd.engine.placement import lay_out, pick_slot
 from thoxd.engine.request import Delta, Failed, Finished, Generation
 from thoxd.engine.sampling import SamplingParams
-from thoxd.engine.slots import Running, Slot, lay_out, pick_slot
+from thoxd.engine.slots import Running, Slot
 
 GREEDY = SamplingParams(temperature=0.0)
 SEEDED = SamplingParams(temperature=0.8, seed=1234)

@@ -17,8 +17,9 @@ the same system prompt again one step after the other (llama-server prefills eac
 from __future__ import annotations
 
 from thoxd.engine.llama import LlamaContext
+from thoxd.engine.placement import common_prefix
 from thoxd.engine.request import Generation
-from thoxd.engine.slots import Slot, common_prefix
+from thoxd.engine.slots import Slot
 
 MIN_SHARED = 64  # tokens of a running prompt worth waiting for and copying
 

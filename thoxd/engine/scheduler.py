@@ -46,21 +46,11 @@ from thoxd.engine.faults import Faults
 from thoxd.engine.forks import leader_of, sync_forks
 from thoxd.engine.grammar import GrammarInvalid
 from thoxd.engine.llama import Batch, LlamaContext, LlamaModel
+from thoxd.engine.placement import claim, lay_out, park_idle, pick_slot, save_head
 from thoxd.engine.queue import WaitQueue
 from thoxd.engine.request import Embedding, Failed, Finished, Generation, Outbox
 from thoxd.engine.sampling import Sampler
-from thoxd.engine.slots import (
-    Running,
-    Slot,
-    add_prefills,
-    advance,
-    claim,
-    draft_plan,
-    lay_out,
-    park_idle,
-    pick_slot,
-    release,
-)
+from thoxd.engine.slots import Running, Slot, add_prefills, advance, draft_plan, release
 from thoxd.engine.text import TextAssembler
 from thoxd.errors import EngineFailure, InvalidRequest, ShuttingDown, ThoxdError
 
@@ -263,6 +253,8 @@ class Scheduler:
         lay_out(self._slots, slot, self._ctx, gen.prompt, shared, self._park_cap, alone=alone)
         leader = leader_of(self._slots, gen, shared)
         keep = claim(slot, self._ctx, gen.prompt, 0 if leader else shared)
+        if not alone and leader is None:
+            keep = save_head(slot, self._ctx, keep)
         if leader is not None:  # it prefills nothing until the leader's cells are copied
             self._forks[gen] = leader
             alone = False
@@ -365,7 +357,7 @@ class Scheduler:
                 failed.append(slot.run.gen)
                 slot.run = None
             slot.cached.clear()
-            slot.parked = None
+            slot.parked = slot.head = None
         if self._failures >= MAX_FAILURES:
             self.failed = f"{self._failures} steps in a row failed"
         else:
