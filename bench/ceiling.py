@@ -44,20 +44,48 @@ def greedy(ctx: LlamaContext, row: int) -> int:
     return int(np.argmax(ctx.logits(row)))
 
 
+def prefill(ctx: LlamaContext, tokens: list[int], seq: int) -> None:
+    """`tokens` into sequence `seq` (emptied first), in steps of the whole batch, no outputs."""
+    ctx.seq_rm(seq, 0)
+    batch = Batch(ctx.n_batch)
+    try:
+        for start in range(0, len(tokens), ctx.n_batch):
+            batch.clear()
+            batch.add_sequence(tokens[start : start + ctx.n_batch], start, seq)
+            if ctx.decode(batch) != 0:
+                raise RuntimeError("llama_decode failed")
+    finally:
+        batch.close()
+
+
 def one_round(
-    ctx: LlamaContext, prompts: list[list[int]], tokens: int, pickers: Sequence[Picker] = ()
+    ctx: LlamaContext,
+    prompts: list[list[int]],
+    tokens: int,
+    pickers: Sequence[Picker] = (),
+    cached: tuple[int, int] = (0, 0),
 ) -> tuple[int, float]:
-    """Generated tokens and wall seconds for C prompts decoded side by side, each sequence's
-    tokens picked by its picker (greedy without)."""
+    """Generated tokens and wall seconds for C prompts decoded side by side (sequences 0..C-1),
+    each sequence's tokens picked by its picker (greedy without). `cached` = (sequence, n): the
+    prompts' first n tokens are that sequence's, copied instead of prefilled (a prefix cache)."""
     pick = list(pickers) or [greedy] * len(prompts)
-    ctx.clear()
+    source, n_cached = cached
     batch = Batch(ctx.n_batch)
     model = ctx.model
     try:
+        for seq in range(len(prompts)):
+            ctx.seq_rm(seq, 0)
         t0 = time.perf_counter()
+        for seq in range(len(prompts)) if n_cached else ():
+            ctx.seq_cp(source, seq, 0, n_cached)
         # Every prompt token, the last ones (with logits) at the end; in steps of the whole
         # batch (as llama-server), the first one short so that the last holds all of those.
-        rows = [(t, i, seq, False) for seq, p in enumerate(prompts) for i, t in enumerate(p[:-1])]
+        rows = [
+            (t, i, seq, False)
+            for seq, p in enumerate(prompts)
+            for i, t in enumerate(p[:-1])
+            if i >= n_cached
+        ]
         rows += [(p[-1], len(p) - 1, seq, True) for seq, p in enumerate(prompts)]
         n, first = ctx.n_batch, len(rows) % ctx.n_batch or ctx.n_batch
         chunks = [rows[:first]] + [rows[s : s + n] for s in range(first, len(rows), n)]

@@ -30,10 +30,12 @@ from typing import Any
 
 import httpx
 import llama_cpp
-from ceiling import Picker, greedy, one_round, open_context
+from ceiling import Picker, greedy, one_round, open_context, prefill
 from concurrency import MODEL_FILE, MODEL_ID, WORDS, code_prefix
 from concurrency import machine as machine_info
 from sides import add_server_args, each_side, report
+
+from thoxd.engine.placement import common_prefix
 
 RULES = (
     f"Rule {i}: prefer {w} solutions that keep {w} data local." for i, w in enumerate(WORDS * 6)
@@ -105,11 +107,18 @@ def picker(sampling: dict[str, Any], chains: list[Any]) -> Picker:
 
 def direct(args: argparse.Namespace) -> dict[str, dict[str, float]]:
     """The ceiling: each workload's rounds decoded by llama.cpp directly, `--slots` at a time."""
-    model, ctx = open_context(args.models_dir / MODEL_FILE, args.threads, args.slots)
+    # One sequence more than the servers' slots: it holds the chat's system prompt, which every
+    # chat request copies instead of prefilling, as the servers' prefix caches do after the
+    # first request.
+    model, ctx = open_context(args.models_dir / MODEL_FILE, args.threads, args.slots + 1)
     out = {}
     try:
         one_round(ctx, [model.tokenize("Warm up: 1, 2, 3,", add_special=True)], 8)
         for kind in args.kinds:
+            system = [model.tokenize(prompt(kind, k)[0], add_special=True) for k in (0, 1)]
+            n_cached = max(common_prefix(*system) - 2, 0) if kind == "chat" else 0
+            if n_cached:
+                prefill(ctx, system[0][:n_cached], args.slots)
             for c in args.concurrency:
                 made, wall = 0, 0.0
                 for r in range(args.rounds):
@@ -122,6 +131,7 @@ def direct(args: argparse.Namespace) -> dict[str, dict[str, float]]:
                                 [model.tokenize(text, add_special=True) for text, _ in wave],
                                 args.tokens,
                                 [picker(sampling, chains) for _, sampling in wave],
+                                cached=(args.slots, n_cached),
                             )
                         finally:
                             for chain in chains:
