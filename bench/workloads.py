@@ -108,8 +108,7 @@ def picker(sampling: dict[str, Any], chains: list[Any]) -> Picker:
 def direct(args: argparse.Namespace) -> dict[str, dict[str, float]]:
     """The ceiling: each workload's rounds decoded by llama.cpp directly, `--slots` at a time."""
     # One sequence more than the servers' slots: it holds the chat's system prompt, which every
-    # chat request copies instead of prefilling, as the servers' prefix caches do after the
-    # first request.
+    # chat request copies instead of prefilling, as the servers' prefix caches do.
     model, ctx = open_context(args.models_dir / MODEL_FILE, args.threads, args.slots + 1)
     out = {}
     try:
@@ -117,10 +116,14 @@ def direct(args: argparse.Namespace) -> dict[str, dict[str, float]]:
         for kind in args.kinds:
             system = [model.tokenize(prompt(kind, k)[0], add_special=True) for k in (0, 1)]
             n_cached = max(common_prefix(*system) - 2, 0) if kind == "chat" else 0
+            # Timed, and counted in the first level's wall: the servers' first chat request
+            # prefills it too.
+            started = time.perf_counter()
             if n_cached:
                 prefill(ctx, system[0][:n_cached], args.slots)
+            first_wall = time.perf_counter() - started
             for c in args.concurrency:
-                made, wall = 0, 0.0
+                made, wall, first_wall = 0, first_wall, 0.0
                 for r in range(args.rounds):
                     asks = [prompt(kind, 1000 * c + 10 * r + i) for i in range(c)]
                     for w in range(0, c, args.slots):
