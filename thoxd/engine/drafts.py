@@ -108,31 +108,36 @@ class Acceptance:
 
 class StepCosts:
     """Milliseconds a step takes with n output rows, measured at load and kept up to date by
-    the steps that run (`observe`): a machine busy or idle at load, or another process taking
-    a core later, would otherwise leave the plan drafting where drafts no longer pay.
+    the steps that run (`observe`): a machine busy at load measures costs that are all wrong,
+    and one that gets busy later changes them, and either would leave the plan drafting where
+    drafts do not pay (measured: bench/drafts.py --loaded-calibration).
 
-    `sizes` are the row counts worth knowing; those the load-time budget left unmeasured are
-    tried with real drafts now and then (`EXPLORE_EVERY` plans), so that a calibration cut
-    short on a loaded machine still learns them, at the cost of one step now and then."""
+    A real step's time replaces the load's for its size, then a running mean of the last
+    ~1/LEARN steps follows it. `sizes` are the row counts worth knowing: those no real step has
+    measured yet are tried with real drafts now and then (every EXPLORE_EVERY plans, when the
+    drafts at hand reach them), so that a size the load measured too dear, or did not measure
+    before its time budget ran out, is not left unused for good."""
 
-    LEARN = 1 / 16  # weight of a new step's time: ~16 steps of history
+    LEARN = 1 / 16
     EXPLORE_EVERY = 32
 
     def __init__(self, ms: dict[int, float], sizes: Sequence[int] = (), learn: bool = True) -> None:
         self.ms = dict(ms)
         self.max_rows = max([*ms, *sizes], default=0)
-        self._missing = sorted(set(sizes) - set(ms))
         self._learn = learn
+        self._seen: dict[int, int] = {}  # real steps observed, by size
+        self._untried = sorted(set(sizes) | set(ms)) if learn else []
         self._plans = 0
 
     def observe(self, rows: int, ms: float) -> None:
         """A real step of `rows` output rows (no prefill) took `ms`."""
         if not self._learn:
             return
-        old = self.ms.get(rows)
-        self.ms[rows] = ms if old is None else old + self.LEARN * (ms - old)
-        if rows in self._missing:
-            self._missing.remove(rows)
+        seen = self._seen[rows] = self._seen.get(rows, 0) + 1
+        old = self.ms.get(rows, ms)
+        self.ms[rows] = old + max(1 / seen, self.LEARN) * (ms - old)
+        if rows in self._untried:
+            self._untried.remove(rows)
 
     def plan(self, base: int, gains: Sequence[Sequence[float]]) -> list[int]:
         """How many drafts to check for each sequence this step.
@@ -154,20 +159,25 @@ class StepCosts:
             ms = self.ms.get(base + k)
             if ms is not None and expected / ms > best_rate:
                 best, best_rate = k, expected / ms
-        best = max(best, self._explore(base, len(ranked)))
+        best = max(best, self._explore(base, [gain for gain, _ in ranked]))
         for _, i in ranked[:best]:
             counts[i] += 1
         return counts
 
-    def _explore(self, base: int, drafts: int) -> int:
-        """Drafts that make this step one of the unmeasured sizes, every EXPLORE_EVERY plans
-        while some are left and within reach; else 0."""
-        if not self._missing or not self._learn:
+    def _explore(self, base: int, gains: list[float]) -> int:
+        """Drafts that make this step the smallest size no real step has measured yet, every
+        EXPLORE_EVERY plans while some are left and within reach of drafts expected to be
+        right half the time (so the step tried mostly pays for itself); else 0."""
+        if not self._untried:
             return 0
         self._plans += 1
         if self._plans % self.EXPLORE_EVERY:
             return 0
-        reach = [n for n in self._missing if base < n <= base + drafts]
+        reach = [
+            n
+            for n in self._untried
+            if base < n <= base + len(gains) and sum(gains[: n - base]) >= (n - base) / 2
+        ]
         return reach[0] - base if reach else 0
 
 
