@@ -2,7 +2,9 @@
 on a fresh engine, after its cache was parked and restored, after other requests ran alone or
 together, and with 2 or 4 slots (README, "Concurrency and determinism"). The cache is laid out
 for it as on a fresh context (thoxd.engine.placement.lay_out); llama.cpp's attention sums over cells
-in cell order, so the same cells elsewhere give other logits."""
+in cell order, so the same cells elsewhere give other logits. Drafts off throughout: what a
+request drafts rests on step costs the engine learns from every step it runs, and drafted steps
+take the multi-row kernels (README)."""
 
 from __future__ import annotations
 
@@ -69,7 +71,7 @@ def run(
 def test_a_parked_and_restored_prefix_gives_the_fresh_engines_output(
     default_spec: ModelSpec, model_file: Path, models_dir: Path, slots: int, params: SamplingParams
 ) -> None:
-    model = load_model(default_spec, model_file, models_dir, slots=slots)
+    model = load_model(default_spec, model_file, models_dir, slots=slots, draft_max=0)
     try:
         fresh, _ = run(model, PROMPT, params=params)  # the engine's first request
         run(model, OTHERS[0], params=params)  # parks the prompt's slot, leaves its own cells
@@ -87,7 +89,7 @@ def test_a_parked_and_restored_prefix_gives_the_fresh_engines_output(
 def test_requests_that_ran_together_before_change_nothing(
     default_spec: ModelSpec, model_file: Path, models_dir: Path, params: SamplingParams
 ) -> None:
-    model = load_model(default_spec, model_file, models_dir, slots=4)
+    model = load_model(default_spec, model_file, models_dir, slots=4, draft_max=0)
     try:
         fresh, _ = run(model, PROMPT, params=params)
         run(model, *OTHERS, params=params)  # three at once: their cells interleave
@@ -133,7 +135,7 @@ def test_a_sliding_window_prefix_comes_back_only_when_whole(
     window) and gives the fresh output; a next turn that extends all of it still reuses it.
     (Past the window its cells come back elsewhere than a fresh prefill puts them: the output
     may differ from a fresh engine's then, README.)"""
-    model = load_model(gemma_spec, gemma_file, models_dir, slots=2)
+    model = load_model(gemma_spec, gemma_file, models_dir, slots=2, draft_max=0)
     long = "Prices: " + " ".join(f"item {i} costs {i * 7 % 13} dollars;" for i in range(70))
     try:
         n = len(model.llama.tokenize(long, add_special=True))
