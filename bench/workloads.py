@@ -123,8 +123,9 @@ def direct(args: argparse.Namespace) -> dict[str, dict[str, float]]:
                 prefill(ctx, system[0][:n_cached], args.slots)
             first_wall = time.perf_counter() - started
             for c in args.concurrency:
-                made, wall, first_wall = 0, first_wall, 0.0
+                rates = []  # per round, as `load` takes them from the servers
                 for r in range(args.rounds):
+                    made, wall, first_wall = 0, first_wall, 0.0
                     asks = [prompt(kind, 1000 * c + 10 * r + i) for i in range(c)]
                     for w in range(0, c, args.slots):
                         wave, chains = asks[w : w + args.slots], []
@@ -140,7 +141,8 @@ def direct(args: argparse.Namespace) -> dict[str, dict[str, float]]:
                             for chain in chains:
                                 llama_cpp.llama_sampler_free(chain)
                         made, wall = made + n, wall + s
-                out[f"{kind} C={c}"] = {"tok_s": made / wall}
+                    rates.append(made / wall)
+                out[f"{kind} C={c}"] = {"tok_s": statistics.mean(rates)}
     finally:
         ctx.close()
         model.close()

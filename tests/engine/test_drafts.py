@@ -170,6 +170,20 @@ def test_sizes_the_load_did_not_measure_are_tried_now_and_then() -> None:
     assert all(frozen.plan(1, [_steady(0.9)]) == [0] for _ in range(100))
 
 
+def test_a_load_the_steps_agree_with_is_trusted() -> None:
+    # Measured on an idle machine: the first real one-row step agrees, so the sizes the load
+    # measured are not tried for their own sake; the one it missed (8 rows) still is.
+    costs = StepCosts({1: 10.0, 2: 500.0, 4: 60.0}, sizes=[1, 2, 4, 8])
+    costs.observe(1, 11.0)
+    plans = [costs.plan(1, [_steady(0.95)]) for _ in range(2 * StepCosts.EXPLORE_EVERY)]
+    assert [p for p in plans if p != [0]] == [[7], [7]]  # 8 rows, each EXPLORE_EVERY plans
+    # Off by more than TRUST_LOAD allows: the measured sizes are tried as well, smallest first.
+    off = StepCosts({1: 10.0, 2: 500.0, 4: 600.0}, sizes=[1, 2, 4, 8])
+    off.observe(1, 30.0)
+    plans = [off.plan(1, [_steady(0.95)]) for _ in range(StepCosts.EXPLORE_EVERY)]
+    assert plans[-1] == [1]
+
+
 def test_a_size_the_load_measured_too_dear_is_tried_again() -> None:
     # Measured while another process held the cores: two rows looked 50 times one.
     costs = StepCosts({1: 10.0, 2: 500.0}, sizes=[1, 2])
