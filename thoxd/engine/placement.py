@@ -83,7 +83,7 @@ def claim(slot: Slot, ctx: LlamaContext, prompt: list[int], shared: int) -> int:
     # A sliding window's cells may lack what the next token attends to: restored, they are the
     # saved end's last window only; in place, llama.cpp gives cells that fell out of the window
     # to other sequences' new tokens. Then the head, else nothing.
-    if keep and not (trimmed and ctx.seq_covers(slot.seq_id, keep)):
+    if not trimmed or (keep and not ctx.seq_covers(slot.seq_id, keep)):
         ctx.seq_rm(slot.seq_id, -1)
         keep = head[0] if head is not None and ctx.seq_restore(slot.seq_id, head[1]) else 0
     del slot.cached[keep:]
