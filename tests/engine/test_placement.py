@@ -108,6 +108,26 @@ def test_parking_moves_idle_caches_out_and_keeps_under_the_cap() -> None:
     assert fake.removed == [0, 1]
 
 
+def test_running_slots_heads_count_against_the_cap_and_go_last() -> None:
+    def slots_with_heads(idle: int) -> list[Slot]:
+        slots = _slots(list(range(idle)), *[list(range(30))] * 3, used=(9.0, 4.0, 2.0, 3.0))
+        for slot in slots[1:]:  # running, each with a 30-token head of its own
+            slot.run, slot.head = cast(Running, object()), (30, b"head")
+        return slots
+
+    # 40 parked + 3 x 30 of heads over a cap of 100: the parked slot goes first, and that does.
+    slots = slots_with_heads(40)
+    park_idle(slots, cast(LlamaContext, _Ctx()), cap=100)
+    assert slots[0].parked is None and slots[0].cached == []
+    assert all(s.head == (30, b"head") for s in slots[1:])
+    # Under a cap of 70, a running slot's head goes too: the least recently used (slot 2's).
+    slots = slots_with_heads(10)
+    park_idle(slots, cast(LlamaContext, _Ctx()), cap=70)
+    assert slots[0].parked is None
+    assert [s.head is None for s in slots[1:]] == [False, True, False]
+    assert len(slots[2].cached) == 30  # its cells in the cache are untouched
+
+
 def test_a_long_kept_prefix_beside_others_starts_a_head() -> None:
     fake: Any = _Ctx(sliding_window=True)
     ctx = cast(LlamaContext, fake)

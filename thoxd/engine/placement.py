@@ -111,8 +111,8 @@ def save_head(slot: Slot, ctx: LlamaContext, keep: int) -> int:
 
 def park_idle(slots: list[Slot], ctx: LlamaContext, cap: int) -> None:
     """Move idle slots' cells out of the cache into host memory (before a step, so only while a
-    sequence runs); keep the parked total under `cap` tokens by dropping the least recently
-    used."""
+    sequence runs); keep what host memory holds (parked slots and every head) under `cap`
+    tokens by dropping the least recently used parked slots, then running slots' heads."""
     newly = [s for s in slots if s.run is None and s.cached and s.parked is None]
     if not newly:  # the common case in a step loop: nothing changed
         return
@@ -122,13 +122,19 @@ def park_idle(slots: list[Slot], ctx: LlamaContext, cap: int) -> None:
             _save_head(slot, slots, ctx)
         ctx.seq_rm(slot.seq_id, -1)
     parked = sorted((s for s in slots if s.parked is not None), key=lambda s: s.last_used)
-    total = sum(_parked_tokens(s) for s in parked)
+    heads = sorted((s for s in slots if s.parked is None and s.head), key=lambda s: s.last_used)
+    total = sum(_parked_tokens(s) for s in parked) + sum(_parked_tokens(s) for s in heads)
     for slot in parked:
         if total <= cap:
             break
         total -= _parked_tokens(slot)
         slot.parked = slot.head = None
         slot.cached.clear()
+    for slot in heads:  # a running prompt's own copy: the next prompt may want it
+        if total <= cap:
+            break
+        total -= _parked_tokens(slot)
+        slot.head = None
 
 
 def _save_head(slot: Slot, slots: list[Slot], ctx: LlamaContext) -> None:
@@ -149,7 +155,9 @@ def _save_head(slot: Slot, slots: list[Slot], ctx: LlamaContext) -> None:
 
 
 def _parked_tokens(slot: Slot) -> int:
-    return len(slot.cached) + (slot.head[0] if slot.head is not None else 0)
+    """Tokens of `slot` in host memory: its parked cells, if any, and its head."""
+    parked = len(slot.cached) if slot.parked is not None else 0
+    return parked + (slot.head[0] if slot.head is not None else 0)
 
 
 def lay_out(
