@@ -97,6 +97,8 @@ def engine_config(settings: Settings) -> EngineConfig:
         client_cap=settings.max_slots_per_client,
         rpc_build=settings.rpc_build,
         rpc_in_process=not settings.rpc_isolate,
+        n_gpu_layers=settings.n_gpu_layers,
+        gpu_memory_budget=settings.gpu_memory_budget,
     )
 
 

@@ -22,7 +22,7 @@ from pydantic_settings import (
     TomlConfigSettingsSource,
 )
 
-from thoxd.catalog.entries import Duration
+from thoxd.catalog.entries import Duration, GpuLayers
 from thoxd.units import parse_size
 
 SYSTEM_CONFIG = Path("/etc/thoxd/thoxd.toml")
@@ -125,6 +125,18 @@ class Settings(BaseSettings):
         description="Memory all loaded models may use together: bytes ('6GiB'), or a share of "
         "the RAM available at start as a percentage (the default: 80 percent). A load that does "
         "not fit evicts idle models, least recently used first, or is refused.",
+    )
+    n_gpu_layers: GpuLayers = Field(
+        "auto",
+        description="Layers of each model llama.cpp offloads to the GPUs it was built for: "
+        "'auto' (the default: as many as fit gpu_memory_budget), a count (-1: all, 0: none). "
+        "models.toml may set a model's own. Nothing is offloaded without a GPU build.",
+    )
+    gpu_memory_budget: Annotated[str, AfterValidator(_size)] = Field(
+        "90%",
+        description="GPU memory all loaded models may use together: bytes ('20GiB'), or a share "
+        "of the GPUs' total memory as a percentage (the default: 90 percent). Evicts and refuses "
+        "as memory_budget does.",
     )
     keep_alive: Duration = Field(
         float("inf"),

@@ -13,7 +13,13 @@ from typing import Any
 import pytest
 
 from thoxd.catalog.gguf import GGUFInfo, check_gguf
-from thoxd.engine.memory import MemoryEstimate, Shape, budget_bytes, estimate_memory
+from thoxd.engine.memory import (
+    MemoryEstimate,
+    Shape,
+    budget_bytes,
+    estimate_memory,
+    fit_layers,
+)
 from thoxd.units import format_bytes
 
 MIB = 1024**2
@@ -186,6 +192,8 @@ def test_total_is_the_sum_and_as_dict_adds_up() -> None:
         "weights_bytes": result.weights,
         "kv_cache_bytes": result.kv_cache,
         "compute_bytes": result.compute,
+        "gpu_bytes": 0,
+        "gpu_layers": 0,
         "estimated": True,
     }
     assert data["total_bytes"] == (
@@ -207,6 +215,82 @@ def test_estimate_is_frozen() -> None:
     result = estimate(info())
     with pytest.raises(AttributeError):
         result.weights = 0  # type: ignore[misc]
+
+
+# ---------------------------------------------------------------- layers offloaded to a GPU
+
+# The small model's tensors: input embeddings, 4 blocks of 300 bytes, the output layer.
+EMBD, BLOCK, OUTPUT, NORM = 4000, 300, 2000, 10
+
+
+def sized(*, tied: bool = False) -> GGUFInfo:
+    sizes = {"token_embd.weight": EMBD, "output_norm.weight": NORM}
+    if not tied:
+        sizes["output.weight"] = OUTPUT
+    for i in range(LAYERS):
+        sizes |= {f"blk.{i}.attn_q.weight": BLOCK // 3, f"blk.{i}.ffn_up.weight": BLOCK * 2 // 3}
+    gguf = info(tensor_bytes=sum(sizes.values()))
+    return GGUFInfo(**{**gguf.__dict__, "tensor_sizes": sizes})
+
+
+def test_nothing_offloaded_puts_nothing_on_the_gpu() -> None:
+    result = estimate(sized(), gpu_layers=0)
+    assert (result.gpu, result.gpu_layers) == (0, 0)
+    assert result.host == result.total == estimate(sized()).total
+
+
+def test_one_layer_is_the_output_layer_and_the_graph() -> None:
+    cpu, one = estimate(sized()), estimate(sized(), gpu_layers=1)
+    graph = Shape.of(sized()).compute(1024 * 2, 64, 2)
+    assert one.gpu == OUTPUT + NORM + graph  # no block: no K and V there
+    # The layers that stayed compute in host memory too, so the graph is counted twice.
+    assert one.compute == cpu.compute + graph
+    assert one.host == cpu.total - OUTPUT - NORM
+
+
+@pytest.mark.parametrize("blocks", [1, 2, 3])
+def test_each_further_layer_moves_one_block_and_its_kv(blocks: int) -> None:
+    fewer, more = estimate(sized(), gpu_layers=blocks), estimate(sized(), gpu_layers=blocks + 1)
+    assert more.gpu - fewer.gpu == BLOCK + kv_bytes(1024 * 2) // LAYERS
+    assert more.host == fewer.host - BLOCK - kv_bytes(1024 * 2) // LAYERS
+
+
+@pytest.mark.parametrize("layers", [LAYERS + 1, -1, 999])
+def test_every_layer_leaves_the_input_embeddings_parked_tokens_and_logits(layers: int) -> None:
+    result = estimate(sized(), gpu_layers=layers)
+    assert result.gpu_layers == LAYERS + 1
+    logits = 2 * 1000 * 4  # two output rows of the 1000-token vocabulary, f32
+    assert result.host == EMBD + kv_bytes(1024) + logits  # one parked context
+    assert result.gpu == result.total - result.host
+    assert result.gpu == LAYERS * BLOCK + OUTPUT + NORM + kv_bytes(2048) + (result.compute - logits)
+
+
+def test_tied_embeddings_are_copied_to_the_gpu_as_the_output() -> None:
+    result = estimate(sized(tied=True), gpu_layers=1)
+    assert result.weights == sized(tied=True).tensor_bytes + EMBD
+    graph = Shape.of(sized()).compute(1024 * 2, 64, 2)
+    assert result.gpu == EMBD + NORM + graph  # the copy, beside the graph
+    assert result.host == estimate(sized(tied=True)).host - NORM
+
+
+def test_fit_layers_takes_the_most_that_fit() -> None:
+    def at(layers: int) -> MemoryEstimate:
+        return estimate(sized(), gpu_layers=layers)
+
+    for n in range(LAYERS + 2):
+        room = at(n).gpu
+        assert fit_layers(at, LAYERS, room) == n
+        assert fit_layers(at, LAYERS, room - 1) == max(n - 1, 0)
+    assert fit_layers(at, LAYERS, 0) == 0
+    assert fit_layers(at, LAYERS, 1 << 60) == LAYERS + 1
+
+
+def test_as_dict_and_describe_say_what_is_on_the_gpu() -> None:
+    result = estimate(sized(), gpu_layers=3)
+    assert result.as_dict()["gpu_bytes"] == result.gpu
+    assert result.as_dict()["gpu_layers"] == 3
+    assert f"{format_bytes(result.gpu)} of it on the GPU" in result.describe()
+    assert "GPU" not in estimate(sized()).describe()
 
 
 # ---------------------------------------------------------------- the budget setting
@@ -284,3 +368,16 @@ def test_gemma_matches_what_llama_cpp_allocated(gemma_file: Path) -> None:
     assert result.weights == pytest.approx(235.16 * MIB, rel=0.01)
     assert 30 * MIB <= result.compute <= 80 * MIB
     assert "KV cache 720.0 MiB" in result.describe()
+
+
+def test_gemma_offloaded_keeps_only_its_input_embeddings_weights_here(gemma_file: Path) -> None:
+    gguf_info = check_gguf(gemma_file, root=gemma_file.parent)
+    sizes = gguf_info.tensor_sizes
+    assert len(sizes) == gguf_info.n_tensors and sum(sizes.values()) == gguf_info.tensor_bytes
+    options: dict[str, Any] = {"n_ctx": 8192, "slots": 4, "outputs": 16, "batch_size": 512}
+    result = estimate(gguf_info, gpu_layers=-1, **options)
+    assert result.gpu_layers == 19  # 18 blocks and the output layer
+    # Gemma ties its output to the input embeddings: llama.cpp copies them to the GPU.
+    assert "output.weight" not in sizes
+    assert result.weights == gguf_info.tensor_bytes + sizes["token_embd.weight"]
+    assert result.host == sizes["token_embd.weight"] + 144 * MIB + 16 * 262144 * 4

@@ -19,6 +19,7 @@ from tests.catalog.test_gguf import BASE_DATA, BASE_TENSORS, STR, base_kvs, buil
 from tests.conftest import GEMMA
 from tests.engine.helpers import collect
 from thoxd.catalog.entries import Catalog, ModelSpec
+from thoxd.engine.llama import Device
 from thoxd.engine.request import Generation
 from thoxd.engine.runtime import Engine, EngineConfig, LoadedModel
 from thoxd.engine.sampling import SamplingParams
@@ -327,3 +328,42 @@ def test_two_loads_that_both_evict_take_one_victim_each(shelf: Path) -> None:
         assert engine.used() <= engine.budget
 
     _run(_engine(shelf, specs, budget_models=2.5), scenario)
+
+
+def test_the_gpu_budget_evicts_and_refuses_as_the_host_budget_does(shelf: Path) -> None:
+    # This machine has no GPU: the config's seam gives one, llama.cpp (no GPU backend) keeps
+    # the layers here, and the bookkeeping is what is tested. Host memory is plentiful.
+    def gpu() -> list[Device]:
+        return [Device("GPU0", "test", 1, 1 << 33, 1 << 33)]
+
+    config = EngineConfig(
+        models_dir=shelf, threads=2, slots=1, queue_size=4, batch_size=64, gpu_devices=gpu
+    )
+    one = Engine(Catalog([]), config).estimate(_spec("probe", n_gpu_layers=-1))
+    assert one is not None and one.gpu_layers == 19
+    room = int(one.gpu * 1.5)
+    specs = [
+        _spec("a", n_gpu_layers=-1),
+        _spec("b", n_gpu_layers=-1),
+        _spec("wide", n_ctx=8192, n_gpu_layers=-1),
+        _spec("wide-auto", n_ctx=8192),
+    ]
+    config = EngineConfig(**{**config.__dict__, "gpu_memory_budget": str(room)})
+
+    async def scenario(engine: Engine) -> None:
+        await _touch(engine, "a")
+        assert (engine.gpu_budget, engine.gpu_used()) == (room, one.gpu)
+        await _touch(engine, "b")  # room for one on the GPU: a goes
+        assert [m.spec.id for m in engine.loaded()] == ["b"]
+        with pytest.raises(InsufficientMemory) as refused:
+            await engine.load("wide")  # every layer asked for, more than the whole GPU budget
+        assert "gpu_memory_budget" in refused.value.message
+        assert [m.spec.id for m in engine.loaded()] == ["b"]
+        async with engine.use("wide-auto") as model:  # as many layers as fit: b goes
+            assert 0 < model.memory.gpu_layers < 19
+            _, finished = await collect(_submit(model, 2))
+        assert finished.completion_tokens == 2
+        assert [m.spec.id for m in engine.loaded()] == ["wide-auto"]
+        assert engine.gpu_used() == model.memory.gpu <= room
+
+    _run(Engine(Catalog(specs), config), scenario)

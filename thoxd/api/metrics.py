@@ -175,9 +175,11 @@ class _EngineCollector(Collector):
     def collect(self) -> Iterable[Metric]:
         families = self._families()
         loaded, memory, slots, running, waiting = families
-        budget, used = self._budget()
+        budget, used, gpu_budget, gpu_used = self._budget()
         budget.add_metric([], float(self.engine.budget))
         used.add_metric([], float(self.engine.used()))
+        gpu_budget.add_metric([], float(self.engine.gpu_budget))
+        gpu_used.add_metric([], float(self.engine.gpu_used()))
         models = {m.spec.id: m for m in self.engine.loaded()}
         for spec in self.engine.catalog:
             model = models.get(spec.id)
@@ -212,6 +214,12 @@ class _EngineCollector(Collector):
             GaugeMetricFamily("thoxd_memory_budget_bytes", "What loaded models may use together."),
             GaugeMetricFamily(
                 "thoxd_memory_used_bytes", "Estimated memory of loaded models and loads under way."
+            ),
+            GaugeMetricFamily(
+                "thoxd_gpu_memory_budget_bytes", "GPU memory loaded models may use together."
+            ),
+            GaugeMetricFamily(
+                "thoxd_gpu_memory_used_bytes", "Estimated GPU memory of loaded models and loads."
             ),
         ]
 

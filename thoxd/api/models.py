@@ -164,7 +164,14 @@ class ModelRoutes:
     def _budget(self) -> dict[str, int]:
         used = self.engine.used()
         budget = self.engine.budget
-        return {"budget_bytes": budget, "used_bytes": used, "free_bytes": max(budget - used, 0)}
+        gpu, gpu_used = self.engine.gpu_budget, self.engine.gpu_used()
+        return {
+            "budget_bytes": budget,
+            "used_bytes": used,
+            "free_bytes": max(budget - used, 0),
+            "gpu_budget_bytes": gpu,  # 0: no GPU llama.cpp can offload to
+            "gpu_used_bytes": gpu_used,
+        }
 
     # -- changing -----------------------------------------------------------------------------
 

@@ -31,6 +31,9 @@ _NAME = r"^[A-Za-z0-9][A-Za-z0-9._:\-]{0,127}$"
 # Seconds (math.inf: no limit), written as 300, "5m", "1h30m", -1 or "forever".
 Duration = Annotated[float, BeforeValidator(parse_duration)]
 
+# llama.cpp's n_gpu_layers (-1: all), or "auto": as many as fit the GPU memory budget.
+GpuLayers = Annotated[int, Field(ge=-1, le=1024)] | Literal["auto"]
+
 
 class CatalogError(Exception):
     """models.toml is missing, unreadable, or has an invalid entry; str() is one line."""
@@ -70,12 +73,15 @@ class ModelSpec(BaseModel):
         "the file is missing (the package is never imported)",
     )
     n_ctx: int = Field(4096, ge=256, le=1 << 20, description="context window of one request")
-    n_gpu_layers: int = Field(0, ge=-1, le=1024)
+    n_gpu_layers: GpuLayers | None = Field(
+        None, description="layers offloaded to the GPU (default: the daemon's n_gpu_layers)"
+    )
     rpc: tuple[Annotated[str, Field(pattern=r"^[\w.-]+:\d{1,5}$")], ...] = Field(
         (),
         max_length=16,
         description="llama.cpp RPC servers (HOST:PORT, scripts/build-rpc) the model's layers "
-        "are split over: n_gpu_layers of them (0: all) go there, the rest stay here",
+        "are split over: n_gpu_layers of them (unset, 0 or 'auto': all) go there, the rest stay "
+        "here",
     )
     chat_template: str | None = Field(
         None, description="a built-in template name, or a Jinja template"

@@ -24,7 +24,7 @@ import math
 import os
 import stat
 import struct
-from dataclasses import dataclass
+from dataclasses import dataclass, field
 from pathlib import Path
 from typing import BinaryIO, Final
 
@@ -95,6 +95,7 @@ class GGUFInfo:
     tensor_bytes: int
     chat_template: str | None
     metadata: dict[str, object]
+    tensor_sizes: dict[str, int] = field(default_factory=dict)  # bytes of each tensor, by name
 
 
 @dataclass(frozen=True)
@@ -301,6 +302,7 @@ def _parse(r: _Reader) -> GGUFInfo:
         alignment=alignment,
         data_offset=data_offset,
         tensor_bytes=tensor_bytes,
+        tensor_sizes={name: size for _, size, name in tensors},
         chat_template=template,
         metadata=metadata,
     )

@@ -336,3 +336,68 @@ def system_info() -> str:
 
 def supports_gpu_offload() -> bool:
     return bool(llama_cpp.llama_supports_gpu_offload())
+
+
+@dataclass(frozen=True)
+class Device:
+    """A device in ggml's registry, and its memory in bytes as its backend reports them."""
+
+    name: str
+    description: str
+    kind: int  # ggml_backend_dev_type: CPU 0, GPU 1, integrated GPU 2, accelerator 3
+    free: int
+    total: int
+
+    @property
+    def is_gpu(self) -> bool:
+        return self.kind in (1, 2)
+
+
+def devices() -> list[Device]:
+    """Every device this llama.cpp build registered: the CPU, and its GPUs (CUDA, Metal,
+    Vulkan...), which are where llama.cpp puts offloaded layers when a model names no devices.
+    RPC servers' devices are never in the registry (thoxd/engine/rpc.py)."""
+    ggml = _ggml()
+    found = []
+    for i in range(ggml.ggml_backend_dev_count()):
+        dev = ggml.ggml_backend_dev_get(i)
+        free, total = ctypes.c_size_t(0), ctypes.c_size_t(0)
+        ggml.ggml_backend_dev_memory(dev, ctypes.byref(free), ctypes.byref(total))
+        found.append(
+            Device(
+                name=(ggml.ggml_backend_dev_name(dev) or b"").decode(errors="replace"),
+                description=(ggml.ggml_backend_dev_description(dev) or b"").decode(
+                    errors="replace"
+                ),
+                kind=ggml.ggml_backend_dev_type(dev),
+                free=free.value,
+                total=total.value,
+            )
+        )
+    return found
+
+
+def gpu_devices() -> list[Device]:
+    """The GPUs layers can be offloaded to; none on a CPU build."""
+    return [d for d in devices() if d.is_gpu] if supports_gpu_offload() else []
+
+
+@functools.cache
+def _ggml() -> ctypes.CDLL:
+    """libggml as llama-cpp-python loaded it (the same soname binds to the same copy)."""
+    lib = ctypes.CDLL(str(Path(llama_cpp.__file__).parent / "lib" / "libggml.so"))
+    lib.ggml_backend_dev_count.restype = ctypes.c_size_t
+    lib.ggml_backend_dev_get.restype = ctypes.c_void_p
+    lib.ggml_backend_dev_get.argtypes = [ctypes.c_size_t]
+    for fn in ("ggml_backend_dev_name", "ggml_backend_dev_description"):
+        getattr(lib, fn).restype = ctypes.c_char_p
+        getattr(lib, fn).argtypes = [ctypes.c_void_p]
+    lib.ggml_backend_dev_type.restype = ctypes.c_int
+    lib.ggml_backend_dev_type.argtypes = [ctypes.c_void_p]
+    lib.ggml_backend_dev_memory.restype = None
+    lib.ggml_backend_dev_memory.argtypes = [
+        ctypes.c_void_p,
+        ctypes.POINTER(ctypes.c_size_t),
+        ctypes.POINTER(ctypes.c_size_t),
+    ]
+    return lib

@@ -1,7 +1,8 @@
 """What a model load needs before llama.cpp reads its weights, and what a failed one says.
 
 Off the event loop: the file (assembled, sha256 checked), our own bounded GGUF gate, the memory
-estimate from its header, and for a model split over RPC servers (thoxd/engine/rpc.py) their
+estimate from its header (with the layers offloaded to the GPUs: as asked, or as many as fit
+their budget), and for a model split over RPC servers (thoxd/engine/rpc.py) their
 devices, each server reached first. `load_failure` turns whatever a load raised into the reason
 the model's state keeps and the error its client gets: no paths, no library text.
 """
@@ -18,7 +19,7 @@ from thoxd.catalog.files import ModelFileError, ensure_model_file, model_path
 from thoxd.catalog.gguf import GGUFRejected, check_gguf
 from thoxd.engine.embed import EMBED_BATCH
 from thoxd.engine.llama import LlamaLoadError
-from thoxd.engine.memory import MemoryEstimate, estimate_memory
+from thoxd.engine.memory import MemoryEstimate, Shape, budget_bytes, estimate_memory, fit_layers
 from thoxd.engine.model import EngineConfig
 from thoxd.engine.rpc import LIBRARY as RPC_LIBRARY
 from thoxd.engine.rpc import RpcBackend, RpcUnavailable, reachable
@@ -39,6 +40,20 @@ class Loader:
     def __init__(self, config: EngineConfig) -> None:
         self.config = config
         self._rpc: RpcBackend | None = None  # loaded with the first split model
+        self._gpu_budget: int | None = None
+
+    @property
+    def gpu_budget(self) -> int:
+        """Bytes of GPU memory loaded models may use together; 0 without a GPU (or before the
+        first estimate has looked)."""
+        return self._gpu_budget or 0
+
+    def _measure_gpus(self) -> int:
+        """gpu_budget, looked up the first time. Blocking (a GPU backend starts)."""
+        if self._gpu_budget is None:
+            total = sum(d.total for d in self.config.gpu_devices())
+            self._gpu_budget = budget_bytes(self.config.gpu_memory_budget, total) if total else 0
+        return self._gpu_budget
 
     def prepare(self, spec: ModelSpec) -> Prepared:
         """The file (assembled, sha256 checked), the gate, the estimate. Blocking."""
@@ -56,15 +71,26 @@ class Loader:
     def _estimate(self, spec: ModelSpec, path: Path) -> MemoryEstimate:
         # Our own bounded header check, before llama.cpp's C++ parser ever sees the file.
         info = check_gguf(path, root=self.config.models_dir)
-        return estimate_memory(
-            info,
-            n_ctx=spec.n_ctx,
-            slots=self.config.slots,
-            outputs=self.config.max_outputs,
-            batch_size=self.config.batches(spec)[1],
-            embeddings="embeddings" in spec.capabilities,
-            embed_batch=EMBED_BATCH,
-        )
+        wanted = self.config.n_gpu_layers if spec.n_gpu_layers is None else spec.n_gpu_layers
+        room = 0 if spec.rpc else self._measure_gpus()  # a split model's layers are not here
+
+        def at(layers: int) -> MemoryEstimate:
+            return estimate_memory(
+                info,
+                n_ctx=spec.n_ctx,
+                slots=self.config.slots,
+                outputs=self.config.max_outputs,
+                batch_size=self.config.batches(offloaded=layers != 0)[1],
+                embeddings="embeddings" in spec.capabilities,
+                embed_batch=EMBED_BATCH,
+                gpu_layers=layers,
+            )
+
+        if not room or wanted == 0:
+            return at(0)
+        if wanted == "auto":
+            return at(fit_layers(at, Shape.of(info).n_layer, room))
+        return at(wanted)  # as asked: more than the budget is refused when loading
 
     def rpc_devices(self, spec: ModelSpec) -> list[int]:
         """The RPC servers' devices a split model's layers go to; [] for any other. Blocking."""

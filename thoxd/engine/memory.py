@@ -6,13 +6,22 @@ output 4 MiB; the process' RSS came to within 10% of their sum):
 
 - weights: the tensor bytes of the file (mapped, and resident once used);
 - KV cache: f16 K and V for every layer over n_ctx x slots cells (unified, full-size SWA), plus
-  up to n_ctx tokens of idle slots parked in host memory (thoxd.engine.scheduler), plus the
-  embeddings context's n_ctx cells when the model makes embeddings;
+  up to n_ctx tokens held in host memory (idle slots' parked cells and shared prefixes'
+  copies: thoxd.engine.placement), plus the embeddings context's n_ctx cells when the model
+  makes embeddings;
 - compute: per ubatch, the attention masks, activations and logits of the batch.
+
+With layers offloaded to a GPU, llama.cpp (llama_model::load_tensors) counts n_gpu_layers from
+the end: 1 is the output layer (with tied embeddings, a copy of the token embeddings), k adds the
+last k - 1 repeating layers, n_layer + 1 (or -1) is all of them; the input embeddings always stay
+in host memory. A layer's K and V live beside its weights; the step's compute buffer lives on
+the GPU, with one in host memory too while some layers stay there. Parked tokens stay in host
+memory.
 """
 
 from __future__ import annotations
 
+from collections.abc import Callable
 from dataclasses import dataclass
 from typing import Any
 
@@ -28,10 +37,16 @@ class MemoryEstimate:
     weights: int
     kv_cache: int
     compute: int
+    gpu: int = 0  # of the whole, the bytes in GPU memory
+    gpu_layers: int = 0  # the n_gpu_layers it is for
 
     @property
     def total(self) -> int:
         return self.weights + self.kv_cache + self.compute
+
+    @property
+    def host(self) -> int:
+        return self.total - self.gpu
 
     def as_dict(self) -> dict[str, Any]:
         return {
@@ -39,13 +54,16 @@ class MemoryEstimate:
             "weights_bytes": self.weights,
             "kv_cache_bytes": self.kv_cache,
             "compute_bytes": self.compute,
+            "gpu_bytes": self.gpu,
+            "gpu_layers": self.gpu_layers,
             "estimated": True,
         }
 
     def describe(self) -> str:
+        gpu = f"; {format_bytes(self.gpu)} of it on the GPU" if self.gpu else ""
         return (
             f"about {format_bytes(self.total)} (weights {format_bytes(self.weights)}, "
-            f"KV cache {format_bytes(self.kv_cache)}, compute {format_bytes(self.compute)})"
+            f"KV cache {format_bytes(self.kv_cache)}, compute {format_bytes(self.compute)}{gpu})"
         )
 
 
@@ -104,17 +122,50 @@ def estimate_memory(
     batch_size: int,
     embeddings: bool,
     embed_batch: int,
+    gpu_layers: int = 0,
 ) -> MemoryEstimate:
     shape = Shape.of(info)
-    cells = n_ctx * slots
-    kv = (cells + n_ctx) * shape.kv_per_token  # the cache, and what may be parked beside it
+    cells = n_ctx * slots + (n_ctx if embeddings else 0)  # the embeddings context's too
+    kv = (cells + n_ctx) * shape.kv_per_token  # the caches, and what may be parked beside them
     # Generation: a step's output rows (one per slot, or drafts being checked) in the worst
-    # ubatch, and the buffer their logits are copied to.
-    compute = shape.compute(cells, batch_size, outputs) + outputs * shape.n_vocab * _F32
+    # ubatch; and the host buffer their logits are copied to.
+    graph = shape.compute(n_ctx * slots, batch_size, outputs)
     if embeddings:
-        kv += n_ctx * shape.kv_per_token
-        compute += shape.compute(n_ctx, embed_batch, embed_batch)
-    return MemoryEstimate(weights=info.tensor_bytes, kv_cache=kv, compute=compute)
+        graph += shape.compute(n_ctx, embed_batch, embed_batch)
+    logits = outputs * shape.n_vocab * _F32
+    n = min(gpu_layers if gpu_layers >= 0 else shape.n_layer + 1, shape.n_layer + 1)
+    if n == 0:
+        return MemoryEstimate(weights=info.tensor_bytes, kv_cache=kv, compute=graph + logits)
+    blocks = min(n - 1, shape.n_layer)  # repeating layers offloaded: the last ones
+    sizes = info.tensor_sizes
+    weights = sum(v for k, v in sizes.items() if _block(k) >= shape.n_layer - blocks)
+    head = sum(v for k, v in sizes.items() if _block(k) < 0 and not k.startswith("token_embd."))
+    tied = 0 if "output.weight" in sizes else sizes.get("token_embd.weight", 0)
+    weights += head + tied
+    host_graph = graph if blocks < shape.n_layer else 0
+    return MemoryEstimate(
+        weights=info.tensor_bytes + tied,
+        kv_cache=kv,
+        compute=graph + host_graph + logits,
+        gpu=weights + cells * shape.kv_per_token * blocks // shape.n_layer + graph,
+        gpu_layers=n,
+    )
+
+
+def fit_layers(estimate: Callable[[int], MemoryEstimate], n_layer: int, room: int) -> int:
+    """The most layers (n_gpu_layers) whose estimate fits `room` bytes of GPU memory."""
+    for n in range(n_layer + 1, 0, -1):
+        if estimate(n).gpu <= room:
+            return n
+    return 0
+
+
+def _block(name: str) -> int:
+    """The repeating layer a tensor belongs to ("blk.N."), or -1."""
+    if not name.startswith("blk."):
+        return -1
+    index = name[4:].partition(".")[0]
+    return int(index) if index.isdigit() else -1
 
 
 def budget_bytes(setting: str, available: int) -> int:

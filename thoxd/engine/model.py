@@ -14,16 +14,17 @@ from dataclasses import dataclass, field
 from pathlib import Path
 from typing import Any
 
-from thoxd.catalog.entries import ModelSpec
+from thoxd.catalog.entries import GpuLayers, ModelSpec
 from thoxd.engine.embed import Embedder
 from thoxd.engine.faults import Faults
 from thoxd.engine.grammar import Grammar, GrammarInvalid
 from thoxd.engine.llama import (
     ContextConfig,
+    Device,
     LlamaContext,
     LlamaLoadError,
     LlamaModel,
-    supports_gpu_offload,
+    gpu_devices,
 )
 from thoxd.engine.memory import MemoryEstimate
 from thoxd.engine.request import Embedding, Finished, Generation
@@ -62,6 +63,9 @@ class EngineConfig:
     client_cap: int = 0  # most slots one client holds while others are served; 0: no cap
     rpc_build: Path | None = None  # scripts/build-rpc's output, for models split over boxes
     rpc_in_process: bool = True  # False: such models are served by a process of their own
+    n_gpu_layers: GpuLayers = "auto"  # a model's own in models.toml wins
+    gpu_memory_budget: str = "90%"  # of the GPUs' total memory, or bytes
+    gpu_devices: Callable[[], Sequence[Device]] = gpu_devices  # tests' GPUs
 
     # Most prompt tokens in one step while the prompt is the only sequence running; 0: 2048
     # (llama-server's n_batch) for a model offloaded to a GPU, where big batches pay, and
@@ -69,10 +73,9 @@ class EngineConfig:
     # and only make a request arriving meanwhile wait for the whole step.
     cold_batch: int = 0
 
-    def batches(self, spec: ModelSpec) -> tuple[int, int]:
+    def batches(self, offloaded: bool) -> tuple[int, int]:
         """The context's n_batch (the cold step) and n_ubatch (what one graph computes, at
         most llama-server's default of 512 beyond batch_size) for a model."""
-        offloaded = spec.n_gpu_layers != 0 and supports_gpu_offload()
         if self.cold_batch:
             n_batch = max(self.batch_size, self.cold_batch)
         else:
@@ -105,10 +108,12 @@ class LoadedModel:
         self.last_used = time.monotonic()
         self._users = 0
         self._config = config
-        # Split over RPC servers: n_gpu_layers of the layers there, 0 meaning all of them.
-        layers = spec.n_gpu_layers or (ALL_LAYERS if devices else 0)
+        layers = self.memory.gpu_layers
+        if devices:  # split over RPC servers: n_gpu_layers of the layers there, or all
+            wanted = spec.n_gpu_layers
+            layers = wanted if isinstance(wanted, int) and wanted != 0 else ALL_LAYERS
         self.llama = LlamaModel(path, n_gpu_layers=layers, devices=devices)
-        n_batch, n_ubatch = config.batches(spec)
+        n_batch, n_ubatch = config.batches(offloaded=self.memory.gpu_layers != 0)
         try:
             self._ctx = LlamaContext(
                 self.llama,

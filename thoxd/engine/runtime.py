@@ -59,7 +59,7 @@ class Engine:
         self.config = config
         self._loaded: dict[str, LoadedModel] = {}
         self._loading: dict[str, asyncio.Task[LoadedModel]] = {}
-        self._reserved: dict[str, int] = {}  # bytes held for loads in progress
+        self._reserved: dict[str, MemoryEstimate] = {}  # held for loads in progress
         self._unloading: set[asyncio.Task[bool]] = set()
         self.stuck = False  # an engine thread did not stop, so its model was never freed
         self._errors: dict[str, str] = {}
@@ -79,9 +79,20 @@ class Engine:
     def budget(self) -> int:
         return self.config.memory_budget
 
+    @property
+    def gpu_budget(self) -> int:
+        """GPU memory loaded models may use together; 0 without a GPU, or before a load."""
+        return self._loader.gpu_budget
+
     def used(self) -> int:
-        """Bytes held by loaded models and reserved by loads in progress."""
-        return sum(m.memory.total for m in self._loaded.values()) + sum(self._reserved.values())
+        """Bytes of host memory held by loaded models and reserved by loads in progress."""
+        return sum(m.host for m in self._held())
+
+    def gpu_used(self) -> int:
+        return sum(m.gpu for m in self._held())
+
+    def _held(self) -> list[MemoryEstimate]:
+        return [m.memory for m in self._loaded.values()] + list(self._reserved.values())
 
     def state(self, model_id: str) -> str:
         if model_id in self._loading:
@@ -172,7 +183,7 @@ class Engine:
                 await asyncio.to_thread(probe_model, prepared.path)
                 # Meanwhile a victim may have got a request, or another load taken the room.
                 victims = self._plan_room(spec, prepared.memory)
-            self._reserved[spec.id] = prepared.memory.total
+            self._reserved[spec.id] = prepared.memory
             for victim in victims:
                 logger.info("evicting idle model %s to make room for %s", victim.spec.id, spec.id)
                 self._unload_now(victim)
@@ -216,30 +227,40 @@ class Engine:
         return self._loader.estimate(spec)
 
     def _plan_room(self, spec: ModelSpec, need: MemoryEstimate) -> list[LoadedModel]:
-        """The idle models to evict (least recently used first) so `need` fits, or an error."""
-        if need.total > self.budget:
-            raise InsufficientMemory(
-                f"The model '{spec.id}' needs {need.describe()}, more than the whole memory "
-                f"budget of {format_bytes(self.budget)}. Lower its n_ctx or the slots, or raise "
-                "memory_budget."
-            )
-        free = self.budget - self.used()
+        """The idle models to evict (least recently used first) so `need` fits both budgets,
+        host and GPU, or an error."""
+        budgets = {"memory": (self.budget, need.host), "GPU memory": (self.gpu_budget, need.gpu)}
+        for what, (budget, wanted) in budgets.items():
+            if wanted > budget:
+                setting = "memory_budget" if what == "memory" else "gpu_memory_budget"
+                raise InsufficientMemory(
+                    f"The model '{spec.id}' needs {need.describe()}, more than the whole {what} "
+                    f"budget of {format_bytes(budget)}. Lower its n_ctx, n_gpu_layers or the "
+                    f"slots, or raise {setting}."
+                )
+        free, free_gpu = self.budget - self.used(), self.gpu_budget - self.gpu_used()
         victims: list[LoadedModel] = []
         candidates = [m for m in self._loaded.values() if not m.busy and not m.spec.pinned]
         for model in sorted(candidates, key=lambda m: m.last_used):
-            if free >= need.total:
+            if free >= need.host and free_gpu >= need.gpu:
                 break
             victims.append(model)
-            free += model.memory.total
-        if free < need.total:
+            free += model.memory.host
+            free_gpu += model.memory.gpu
+        if free < need.host or free_gpu < need.gpu:
             held = ", ".join(
                 f"{m.spec.id} ({'pinned' if m.spec.pinned else 'busy'})"
                 for m in self._loaded.values()
                 if m.busy or m.spec.pinned
             )
+            what, budget, left = (
+                ("memory", self.budget, free)
+                if free < need.host
+                else ("GPU memory", self.gpu_budget, free_gpu)
+            )
             raise MemoryBusy(
-                f"The model '{spec.id}' needs {need.describe()}; {format_bytes(max(free, 0))} "
-                f"of the {format_bytes(self.budget)} budget can be freed now, the rest is held "
+                f"The model '{spec.id}' needs {need.describe()}; {format_bytes(max(left, 0))} "
+                f"of the {format_bytes(budget)} {what} budget can be freed now, the rest is held "
                 f"by {held or 'loads in progress'}. Retry when they are idle."
             )
         return victims
