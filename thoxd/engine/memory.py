@@ -15,8 +15,9 @@ With layers offloaded to a GPU, llama.cpp (llama_model::load_tensors) counts n_g
 the end: 1 is the output layer (with tied embeddings, a copy of the token embeddings), k adds the
 last k - 1 repeating layers, n_layer + 1 (or -1) is all of them; the input embeddings always stay
 in host memory. A layer's K and V live beside its weights; the step's compute buffer lives on
-the GPU, with one in host memory too while some layers stay there. Parked tokens stay in host
-memory.
+the GPU, with one in host memory too (the whole graph while some layers stay there, else the
+logits copied back). Parked tokens stay in host memory. bench/offload_estimate.py checks this
+against what llama.cpp allocates on an RPC device, which it places layers on as on a GPU.
 """
 
 from __future__ import annotations
@@ -142,7 +143,9 @@ def estimate_memory(
     head = sum(v for k, v in sizes.items() if _block(k) < 0 and not k.startswith("token_embd."))
     tied = 0 if "output.weight" in sizes else sizes.get("token_embd.weight", 0)
     weights += head + tied
-    host_graph = graph if blocks < shape.n_layer else 0
+    # The host's own graph: the whole one while some layers stay here, else the logits it
+    # takes back (bench/offload_estimate.py: 17 MiB logged for Gemma's 16 rows of 262144).
+    host_graph = graph if blocks < shape.n_layer else logits
     return MemoryEstimate(
         weights=info.tensor_bytes + tied,
         kv_cache=kv,
