@@ -30,6 +30,7 @@ def test_defaults(tmp_path: Path) -> None:
     assert s.state_dir == tmp_path / "xdg" / "thoxd"
     assert s.catalog.name == "models.toml"
     assert s.catalog.is_file()
+    assert (s.n_gpu_layers, s.gpu_memory_budget) == ("auto", "90%")
 
 
 def test_toml_file_beats_default(tmp_path: Path) -> None:
@@ -228,3 +229,26 @@ def test_the_fleet_follows_mdns_or_named_peers_and_its_secret_is_a_credential(
     monkeypatch.setenv("THOXD_FLEET_SECRET", "short")
     with pytest.raises(ValidationError):
         load_settings({})
+
+
+@pytest.mark.parametrize(
+    ("value", "expected"), [("auto", "auto"), ("0", 0), ("-1", -1), ("33", 33), (12, 12)]
+)
+def test_n_gpu_layers_is_auto_or_a_count(value: object, expected: object) -> None:
+    assert load_settings({"n_gpu_layers": value}).n_gpu_layers == expected
+
+
+@pytest.mark.parametrize("value", ["all", "-2", "1025", "", True, 2.5])
+def test_n_gpu_layers_refused_says_what_it_takes(value: object) -> None:
+    with pytest.raises(ValidationError) as info:
+        load_settings({"n_gpu_layers": value})
+    assert settings_error(info.value) == (
+        "invalid setting n_gpu_layers: n_gpu_layers is 'auto' or a layer count from -1 (all) "
+        "to 1024"
+    )
+
+
+def test_gpu_memory_budget_is_a_size() -> None:
+    assert load_settings({"gpu_memory_budget": "12GiB"}).gpu_memory_budget == "12GiB"
+    with pytest.raises(ValidationError):
+        load_settings({"gpu_memory_budget": "plenty"})

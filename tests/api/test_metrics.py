@@ -161,6 +161,8 @@ def test_metrics_on_the_daemon(daemon: Daemon) -> None:
     # Every loaded model's (other tests may have loaded Gemma into this daemon too).
     assert used == sum(v for (name, _), v in after.items() if name == "thoxd_model_memory_bytes")
     assert value(after, "thoxd_memory_budget_bytes") > used
+    gpu_used = value(after, "thoxd_gpu_memory_used_bytes")  # 0 without a GPU
+    assert 0 <= gpu_used <= value(after, "thoxd_gpu_memory_budget_bytes")
     assert (("thoxd_queue_depth", frozenset({("model", MODEL)}))) in after
     assert value(after, "thoxd_running_sequences", model=MODEL) == 0
     assert value(after, "process_resident_memory_bytes") > 100 << 20

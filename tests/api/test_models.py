@@ -113,6 +113,7 @@ def test_available_tells_what_each_model_would_cost(box: Daemon, budget: int) ->
     assert huge["kv_cache_bytes"] > a["kv_cache_bytes"] * 50
     assert entries["bad"]["memory_estimate"] is None  # refused by the gate
     assert body["memory"]["budget_bytes"] == budget
+    assert {"gpu_bytes", "gpu_layers"} <= a.keys()  # what of it would be on a GPU
     assert body["models"] == body["data"]  # the list locallab-client's list_models() reads
 
 
@@ -125,6 +126,7 @@ def test_three_models_asked_for_in_turn_under_a_budget_for_two(box: Daemon) -> N
     assert current["model_id"] == "c"
     assert {m["id"] for m in current["data"]} == {"a", "c"}
     assert current["memory"]["used_bytes"] <= current["memory"]["budget_bytes"]
+    assert current["memory"]["gpu_used_bytes"] <= current["memory"]["gpu_budget_bytes"]
     slots = current["data"][0]["slots"]
     assert (slots["total"], slots["running"], slots["waiting"]) == (SLOTS, 0, 0)
     assert 0 <= slots["parked"] < SLOTS

@@ -190,7 +190,7 @@ class _EngineCollector(Collector):
             slots.add_metric([model_id], stats.slots)
             running.add_metric([model_id], stats.running)
             waiting.add_metric([model_id], stats.waiting)
-        return [*families, budget, used]
+        return [*families, budget, used, gpu_budget, gpu_used]
 
     @staticmethod
     def _families() -> list[GaugeMetricFamily]:

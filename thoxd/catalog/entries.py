@@ -31,8 +31,21 @@ _NAME = r"^[A-Za-z0-9][A-Za-z0-9._:\-]{0,127}$"
 # Seconds (math.inf: no limit), written as 300, "5m", "1h30m", -1 or "forever".
 Duration = Annotated[float, BeforeValidator(parse_duration)]
 
+
+def _gpu_layers(value: object) -> object:
+    if value == "auto":
+        return value
+    try:
+        layers = int(value) if isinstance(value, int | str) and value != "" else None
+    except ValueError:
+        layers = None
+    if layers is None or isinstance(value, bool) or not -1 <= layers <= 1024:
+        raise ValueError("n_gpu_layers is 'auto' or a layer count from -1 (all) to 1024")
+    return layers
+
+
 # llama.cpp's n_gpu_layers (-1: all), or "auto": as many as fit the GPU memory budget.
-GpuLayers = Annotated[int, Field(ge=-1, le=1024)] | Literal["auto"]
+GpuLayers = Annotated[int | Literal["auto"], BeforeValidator(_gpu_layers)]
 
 
 class CatalogError(Exception):
