@@ -139,10 +139,15 @@ def estimate_memory(
         return MemoryEstimate(weights=info.tensor_bytes, kv_cache=kv, compute=graph + logits)
     blocks = min(n - 1, shape.n_layer)  # repeating layers offloaded: the last ones
     sizes = info.tensor_sizes
-    weights = sum(v for k, v in sizes.items() if _block(k) >= shape.n_layer - blocks)
-    head = sum(v for k, v in sizes.items() if _block(k) < 0 and not k.startswith("token_embd."))
+    # The last blocks, the output layer's tensors (all but the input embeddings outside blocks)
+    # and, when the output is tied to the input embeddings, llama.cpp's copy of those.
     tied = 0 if "output.weight" in sizes else sizes.get("token_embd.weight", 0)
-    weights += head + tied
+    on_gpu = tied + sum(
+        v
+        for k, v in sizes.items()
+        if _block(k) >= shape.n_layer - blocks
+        or (_block(k) < 0 and not k.startswith("token_embd."))
+    )
     # The host's own graph: the whole one while some layers stay here, else the logits it
     # takes back (bench/offload_estimate.py: 17 MiB logged for Gemma's 16 rows of 262144).
     host_graph = graph if blocks < shape.n_layer else logits
@@ -150,7 +155,7 @@ def estimate_memory(
         weights=info.tensor_bytes + tied,
         kv_cache=kv,
         compute=graph + host_graph + logits,
-        gpu=weights + cells * shape.kv_per_token * blocks // shape.n_layer + graph,
+        gpu=on_gpu + cells * shape.kv_per_token * blocks // shape.n_layer + graph,
         gpu_layers=n,
     )
 

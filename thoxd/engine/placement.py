@@ -123,7 +123,7 @@ def park_idle(slots: list[Slot], ctx: LlamaContext, cap: int) -> None:
         ctx.seq_rm(slot.seq_id, -1)
     parked = sorted((s for s in slots if s.parked is not None), key=lambda s: s.last_used)
     heads = sorted((s for s in slots if s.parked is None and s.head), key=lambda s: s.last_used)
-    total = sum(_parked_tokens(s) for s in parked) + sum(_parked_tokens(s) for s in heads)
+    total = sum(_parked_tokens(s) for s in [*parked, *heads])
     for slot in parked:
         if total <= cap:
             break
