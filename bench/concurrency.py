@@ -37,12 +37,20 @@ from typing import Any
 
 import httpx
 
+from thoxd.engine.llama import repacks_safely
+
 ROOT = Path(__file__).resolve().parent.parent
 MODEL_FILE = "gemma-3-270m-q4_k_m.gguf"
 MODEL_ID = "gemma-3-270m"  # by id: llama-server runs the same file (thox-coder is SmolLM2)
 N_CTX = 8192
 HZ = os.sysconf("SC_CLK_TCK")
 WORDS = ("alpha", "bravo", "delta", "echo", "golf", "hotel", "india", "kilo", "lima", "mike")
+
+
+def no_repack() -> list[str]:
+    """llama-server's flag that keeps its weights unrepacked where thoxd keeps them so (a build
+    with AMX kernels, which crash: thoxd/engine/llama.py)."""
+    return [] if repacks_safely() else ["--no-repack"]
 
 
 def percentile(values: list[float], q: float) -> float:
@@ -350,7 +358,7 @@ def main() -> int:
             "llama-server": [str(args.llama_server), "-m", str(model), "--host", "127.0.0.1",
                              "--port", str(port), "-t", t, "-tb", t, "-np", str(n),
                              "-c", str(N_CTX * n), "--kv-unified", "--swa-full", "--no-webui",
-                             *args.llama_server_args.split()],
+                             *no_repack(), *args.llama_server_args.split()],
         }  # fmt: skip
         for name in sorted(cmds, key=lambda k: k != args.first):
             cmd = cmds[name]

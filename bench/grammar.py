@@ -27,7 +27,7 @@ from typing import Any
 import httpx
 
 sys.path.insert(0, str(Path(__file__).resolve().parent))
-from concurrency import N_CTX, ROOT, Server, free_port, machine
+from concurrency import N_CTX, ROOT, Server, free_port, machine, no_repack
 
 MODEL_FILE = "gemma-3-270m-q4_k_m.gguf"
 SCHEMA = {
@@ -150,7 +150,8 @@ def main() -> int:
                       "--mdns", "false"],
             "llama-server": [str(args.llama_server), "-m", str(model), "--host", "127.0.0.1",
                              "--port", str(port), "-t", t, "-tb", t, "-np", str(n),
-                             "-c", str(N_CTX * n), "--kv-unified", "--swa-full", "--no-webui"],
+                             "-c", str(N_CTX * n), "--kv-unified", "--swa-full", "--no-webui",
+                             *no_repack()],
         }  # fmt: skip
         for name, cmd in cmds.items():
             print(f"== {name}", flush=True)

@@ -14,7 +14,7 @@ from collections.abc import Callable
 from pathlib import Path
 from typing import Any
 
-from concurrency import MODEL_FILE, MODEL_ID, N_CTX, ROOT, Server, free_port
+from concurrency import MODEL_FILE, MODEL_ID, N_CTX, ROOT, Server, free_port, no_repack
 
 
 def add_server_args(p: argparse.ArgumentParser) -> None:
@@ -41,7 +41,7 @@ def commands(args: argparse.Namespace, port: int, state_dir: str) -> dict[str, l
         "llama-server": [str(args.llama_server), "-m", str(args.models_dir / MODEL_FILE),
                          "--host", "127.0.0.1", "--port", str(port), "-t", t, "-tb", t,
                          "-np", str(n), "-c", str(N_CTX * n), "--kv-unified", "--swa-full",
-                         "--no-webui"],
+                         "--no-webui", *no_repack()],
     }  # fmt: skip
 
 

@@ -29,6 +29,8 @@ from typing import Any
 import httpx
 import llama_cpp
 
+from thoxd.engine.llama import repacks_safely
+
 MODEL_FILE = "gemma-3-270m-q4_k_m.gguf"
 MODEL_ID = "gemma-3-270m"  # by id: llama.cpp runs the same file (thox-coder is SmolLM2)
 # First words for the prompts: each run starts differently, so no cached prefix helps it.
@@ -53,9 +55,9 @@ class InProcess:
         self._log_cb = llama_cpp.llama_log_callback(lambda _level, _text, _user: None)
         llama_cpp.llama_log_set(self._log_cb, ctypes.c_void_p(0))
         llama_cpp.llama_backend_init()
-        self.model = llama_cpp.llama_model_load_from_file(
-            str(path).encode(), llama_cpp.llama_model_default_params()
-        )
+        model_params = llama_cpp.llama_model_default_params()
+        model_params.use_extra_bufts = repacks_safely()  # as thoxd loads it
+        self.model = llama_cpp.llama_model_load_from_file(str(path).encode(), model_params)
         if not self.model:
             raise RuntimeError(f"llama.cpp could not load {path}")
         self.vocab = llama_cpp.llama_model_get_vocab(self.model)

@@ -1,8 +1,23 @@
-"""thoxd/engine/llama.py's device registry: the ctypes bindings to ggml's, on the real library."""
+"""thoxd/engine/llama.py's device registry (the ctypes bindings to ggml's) and the buffers
+weights are loaded into, on the real library."""
 
 from __future__ import annotations
 
-from thoxd.engine.llama import devices, gpu_devices, supports_gpu_offload
+import logging
+from pathlib import Path
+
+import pytest
+
+from tests.conftest import GEMMA
+from thoxd.engine.llama import (
+    LlamaModel,
+    devices,
+    gpu_devices,
+    repacks_safely,
+    route_llama_logs,
+    supports_gpu_offload,
+    system_info,
+)
 
 
 def test_the_registry_lists_the_cpu_with_its_memory() -> None:
@@ -19,3 +34,18 @@ def test_gpu_devices_are_the_registrys_gpus_when_llama_cpp_can_offload() -> None
         assert names == [d.name for d in devices() if d.is_gpu] and names
     else:
         assert names == []
+
+
+def test_a_build_with_amx_kernels_is_recognised() -> None:
+    assert repacks_safely() == ("AMX_INT8 = 1" not in system_info())
+
+
+def test_weights_never_go_to_amx_buffers(shelf: Path, caplog: pytest.LogCaptureFixture) -> None:
+    # llama.cpp's AMX matrix multiply crashes on a step of two rows or more (a native build on a
+    # Xeon with AMX): every test that decodes a batch would die with it. Elsewhere the weights
+    # may be repacked for the CPU's own kernels.
+    caplog.set_level(logging.DEBUG, logger="thoxd.llama")
+    route_llama_logs()
+    LlamaModel(shelf / GEMMA).close()
+    buffers = [r.getMessage() for r in caplog.records if "model buffer size" in r.getMessage()]
+    assert buffers and not any("AMX" in line for line in buffers)

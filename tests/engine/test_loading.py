@@ -110,8 +110,24 @@ def test_gpus_add_up(shelf: Path) -> None:
     assert loader.gpu_budget == 2 * GIB
 
 
-def test_a_model_split_over_rpc_servers_puts_nothing_on_this_boxs_gpu(shelf: Path) -> None:
-    assert _layers(_loader(shelf, [8 * GIB]), rpc=["127.0.0.1:50052"]) == 0
+@pytest.mark.parametrize("gpus", [[], [8 * GIB]])
+def test_a_split_models_layers_are_counted_on_its_servers_not_here(
+    shelf: Path, gpus: list[int]
+) -> None:
+    # With a GPU here or without: the layers on the servers are `remote`, the rest is here.
+    loader = _loader(shelf, gpus)
+    servers = ["127.0.0.1:50052"]
+    split = loader.estimate(_spec(rpc=servers))
+    half = loader.estimate(_spec(rpc=servers, n_gpu_layers=9))
+    one_box = _loader(shelf, []).estimate(_spec())
+    assert split is not None and half is not None and one_box is not None
+    assert split.gpu == half.gpu == 0
+    assert (split.gpu_layers, half.gpu_layers) == (ALL, 9)
+    assert 0 < half.remote < split.remote
+    assert split.host < half.host < one_box.host
+    assert split.host + split.remote == split.total
+    assert split.as_dict()["remote_bytes"] == split.remote
+    assert "on its RPC servers" in split.describe()
 
 
 @pytest.mark.usefixtures("clean_settings_env")

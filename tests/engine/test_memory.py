@@ -194,6 +194,7 @@ def test_total_is_the_sum_and_as_dict_adds_up() -> None:
         "compute_bytes": result.compute,
         "gpu_bytes": 0,
         "gpu_layers": 0,
+        "remote_bytes": 0,
         "estimated": True,
     }
     assert data["total_bytes"] == (

@@ -20,16 +20,15 @@ from pydantic import ValidationError
 from tests.conftest import GEMMA, free_port
 from tests.engine.helpers import collect
 from thoxd.catalog.entries import Catalog, ModelSpec
-from thoxd.catalog.gguf import check_gguf
-from thoxd.engine.embed import EMBED_BATCH
-from thoxd.engine.llama import route_llama_logs
-from thoxd.engine.memory import estimate_memory
+from thoxd.engine import loading
+from thoxd.engine.llama import device_memory, route_llama_logs
+from thoxd.engine.loading import Loader
 from thoxd.engine.model import LoadedModel
 from thoxd.engine.request import Generation
 from thoxd.engine.rpc import RpcBackend
 from thoxd.engine.runtime import Engine, EngineConfig
 from thoxd.engine.sampling import SamplingParams
-from thoxd.errors import EngineFailure
+from thoxd.errors import EngineFailure, InsufficientMemory
 
 BUILD = Path(__file__).resolve().parents[2] / "build" / "rpc"
 built = pytest.mark.skipif(
@@ -43,10 +42,10 @@ def _spec(model_id: str, **kw: Any) -> ModelSpec:
     )
 
 
-def _engine(shelf: Path, specs: list[ModelSpec]) -> Engine:
+def _engine(shelf: Path, specs: list[ModelSpec], **kw: Any) -> Engine:
     config = EngineConfig(
         models_dir=shelf, threads=2, slots=1, queue_size=4, batch_size=64, draft_max=0,
-        rpc_build=BUILD,
+        rpc_build=BUILD, **kw,
     )  # fmt: skip
     return Engine(Catalog(specs), config)
 
@@ -158,9 +157,10 @@ def test_the_estimates_device_share_bounds_what_llama_cpp_puts_on_the_device(
 ) -> None:
     # An RPC server's device gets layers by the rule a GPU does: what llama.cpp logs for it
     # (model, KV and compute buffers) against estimate_memory's GPU share, at a few counts.
-    info = check_gguf(shelf / GEMMA, root=shelf)
     config = EngineConfig(models_dir=shelf, threads=2, slots=2, queue_size=4, batch_size=64)
     devices = RpcBackend(BUILD / "lib" / "libggml-rpc.so").devices(rpc_servers[:1])
+    free, total = device_memory(devices[0])  # the server's, asked over its connection
+    assert 0 < free <= total
     logged = re.compile(r"^\S*: +RPC\S* (?:model|KV|compute) buffer size = +([\d.]+) MiB")
     caplog.set_level(logging.DEBUG, logger="thoxd.llama")
     route_llama_logs()
@@ -171,9 +171,56 @@ def test_the_estimates_device_share_bounds_what_llama_cpp_puts_on_the_device(
         on_device = sum(
             float(m[1]) for r in caplog.records if (m := logged.match(r.getMessage()))
         ) * (1 << 20)
-        estimate = estimate_memory(
-            info, n_ctx=512, slots=2, outputs=config.max_outputs, batch_size=64,
-            embeddings=False, embed_batch=EMBED_BATCH, gpu_layers=layers,
-        )  # fmt: skip
+        estimate = Loader(config).estimate(spec)
+        assert estimate is not None and estimate.gpu == 0
         # Measured: 6-11% over (the compute graph), never under.
-        assert on_device <= estimate.gpu <= on_device * 1.25, (layers, on_device, estimate.gpu)
+        assert on_device <= estimate.remote <= on_device * 1.25, (layers, on_device, estimate)
+
+
+@built
+def test_only_what_stays_here_counts_against_this_boxs_budget(
+    shelf: Path, rpc_servers: list[str]
+) -> None:
+    specs = [_spec("one-box"), _spec("all-remote", rpc=rpc_servers[:1])]
+    split, whole = (_engine(shelf, specs).estimate(spec) for spec in reversed(specs))
+    assert split is not None and whole is not None
+    budget = (split.host + whole.host) // 2  # room for the split model's share, not the file
+
+    async def scenario() -> None:
+        engine = _engine(shelf, specs, memory_budget=budget)
+        engine.start()
+        try:
+            assert (await _greedy(engine, "all-remote")).startswith(" 6, 7, 8,")
+            assert engine.used() == split.host
+            await engine.unload("all-remote")
+            with pytest.raises(InsufficientMemory):
+                await engine.load("one-box")
+        finally:
+            await engine.close()
+
+    asyncio.run(scenario())
+
+
+@built
+def test_a_split_model_its_servers_have_no_room_for_is_refused_before_it_loads(
+    shelf: Path, rpc_servers: list[str], monkeypatch: pytest.MonkeyPatch
+) -> None:
+    # The servers' answer injected: a real one reports its machine's free memory.
+    monkeypatch.setattr(loading, "device_memory", lambda device: (64 << 20, 64 << 20))
+    specs = [_spec("local"), _spec("all-remote", rpc=rpc_servers[:1])]
+
+    async def scenario() -> None:
+        engine = _engine(shelf, specs)
+        engine.start()
+        try:
+            with pytest.raises(InsufficientMemory) as refused:
+                await engine.load("all-remote")
+            assert refused.value.status == 507
+            assert "on its RPC servers, which have 64.0 MiB free" in refused.value.message
+            assert engine.state("all-remote") == "error"
+            assert engine.loaded() == []  # llama.cpp was never asked
+            assert len(await _greedy(engine, "local", 4)) >= 1
+        finally:
+            await engine.close()
+
+    asyncio.run(scenario())

@@ -78,6 +78,7 @@ class LlamaModel:
 
     def __init__(self, path: Path, *, n_gpu_layers: int = 0, devices: Sequence[int] = ()) -> None:
         params = llama_cpp.llama_model_default_params()
+        params.use_extra_bufts = repacks_safely()
         params.n_gpu_layers = n_gpu_layers
         if devices:  # where the offloaded layers go (RPC servers: thoxd/engine/rpc.py)
             listed = (ctypes.c_void_p * (len(devices) + 1))(*devices, None)
@@ -361,8 +362,7 @@ def devices() -> list[Device]:
     found = []
     for i in range(ggml.ggml_backend_dev_count()):
         dev = ggml.ggml_backend_dev_get(i)
-        free, total = ctypes.c_size_t(0), ctypes.c_size_t(0)
-        ggml.ggml_backend_dev_memory(dev, ctypes.byref(free), ctypes.byref(total))
+        free, total = device_memory(dev)
         found.append(
             Device(
                 name=(ggml.ggml_backend_dev_name(dev) or b"").decode(errors="replace"),
@@ -370,16 +370,34 @@ def devices() -> list[Device]:
                     errors="replace"
                 ),
                 kind=ggml.ggml_backend_dev_type(dev),
-                free=free.value,
-                total=total.value,
+                free=free,
+                total=total,
             )
         )
     return found
 
 
+def device_memory(dev: int) -> tuple[int, int]:
+    """A ggml device's free and total bytes, as its backend reports them (an RPC server's:
+    asked over its connection)."""
+    free, total = ctypes.c_size_t(0), ctypes.c_size_t(0)
+    _ggml().ggml_backend_dev_memory(dev, ctypes.byref(free), ctypes.byref(total))
+    return free.value, total.value
+
+
 def gpu_devices() -> list[Device]:
     """The GPUs layers can be offloaded to; none on a CPU build."""
     return [d for d in devices() if d.is_gpu] if supports_gpu_offload() else []
+
+
+@functools.cache
+def repacks_safely() -> bool:
+    """Whether llama.cpp may repack weights into its extra buffer types. Not in a build with
+    AMX kernels (a native build on a Xeon with AMX_INT8): their matrix multiply crashes the
+    process on any step of more than one row (measured with Gemma 3 Q4_K_M; llama.cpp issue
+    20824), so there weights stay in plain CPU buffers, as llama-server's --no-repack keeps them."""
+    cpu = ctypes.CDLL(str(Path(llama_cpp.__file__).parent / "lib" / "libggml-cpu.so"))
+    return not cpu.ggml_cpu_has_amx_int8()
 
 
 @functools.cache

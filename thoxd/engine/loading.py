@@ -11,19 +11,20 @@ from __future__ import annotations
 
 import errno
 import logging
-from dataclasses import dataclass
+from dataclasses import dataclass, replace
 from pathlib import Path
 
 from thoxd.catalog.entries import ModelSpec
 from thoxd.catalog.files import ModelFileError, ensure_model_file, model_path
 from thoxd.catalog.gguf import GGUFRejected, check_gguf
 from thoxd.engine.embed import EMBED_BATCH
-from thoxd.engine.llama import LlamaLoadError
+from thoxd.engine.llama import LlamaLoadError, device_memory
 from thoxd.engine.memory import MemoryEstimate, Shape, budget_bytes, estimate_memory, fit_layers
-from thoxd.engine.model import EngineConfig
+from thoxd.engine.model import EngineConfig, rpc_layers
 from thoxd.engine.rpc import LIBRARY as RPC_LIBRARY
 from thoxd.engine.rpc import RpcBackend, RpcUnavailable, reachable
-from thoxd.errors import EngineFailure, ModelFileRejected, ThoxdError
+from thoxd.errors import EngineFailure, InsufficientMemory, ModelFileRejected, ThoxdError
+from thoxd.units import format_bytes
 
 logger = logging.getLogger("thoxd.engine")
 
@@ -71,8 +72,6 @@ class Loader:
     def _estimate(self, spec: ModelSpec, path: Path) -> MemoryEstimate:
         # Our own bounded header check, before llama.cpp's C++ parser ever sees the file.
         info = check_gguf(path, root=self.config.models_dir)
-        wanted = self.config.n_gpu_layers if spec.n_gpu_layers is None else spec.n_gpu_layers
-        room = 0 if spec.rpc else self._measure_gpus()  # a split model's layers are not here
 
         def at(layers: int) -> MemoryEstimate:
             return estimate_memory(
@@ -80,20 +79,26 @@ class Loader:
                 n_ctx=spec.n_ctx,
                 slots=self.config.slots,
                 outputs=self.config.max_outputs,
-                batch_size=self.config.batches(offloaded=layers != 0)[1],
+                batch_size=self.config.batches(offloaded=layers != 0 and not spec.rpc)[1],
                 embeddings="embeddings" in spec.capabilities,
                 embed_batch=EMBED_BATCH,
                 gpu_layers=layers,
             )
 
+        if spec.rpc:  # a split model's layers are placed on its servers as on a GPU
+            split = at(rpc_layers(spec))
+            return replace(split, gpu=0, remote=split.gpu)
+        wanted = self.config.n_gpu_layers if spec.n_gpu_layers is None else spec.n_gpu_layers
+        room = self._measure_gpus()
         if not room or wanted == 0:
             return at(0)
         if wanted == "auto":
             return at(fit_layers(at, Shape.of(info).n_layer, room))
         return at(wanted)  # as asked: more than the budget is refused when loading
 
-    def rpc_devices(self, spec: ModelSpec) -> list[int]:
-        """The RPC servers' devices a split model's layers go to; [] for any other. Blocking."""
+    def rpc_devices(self, spec: ModelSpec, need: MemoryEstimate) -> list[int]:
+        """The RPC servers' devices a split model's layers go to, with room for `need`'s share
+        there; [] for any other. Blocking."""
         if not spec.rpc:
             return []
         if self._rpc is None:
@@ -102,7 +107,17 @@ class Loader:
             if self.config.rpc_build is None:
                 raise RpcUnavailable("this daemon has no RPC backend (scripts/build-rpc)")
             self._rpc = RpcBackend(self.config.rpc_build / "lib" / RPC_LIBRARY)
-        return self._rpc.devices(spec.rpc)
+        devices = self._rpc.devices(spec.rpc)
+        # llama.cpp spreads the layers over the devices by their free memory; what does not fit
+        # fails inside a server, which tells llama.cpp no more than that.
+        free = sum(device_memory(device)[0] for device in devices)
+        if need.remote > free:
+            raise InsufficientMemory(
+                f"The model '{spec.id}' needs about {format_bytes(need.remote)} on its RPC "
+                f"servers, which have {format_bytes(free)} free. Lower its n_ctx or n_gpu_layers "
+                "(the rest stays on this box), or add a server."
+            )
+        return devices
 
 
 def load_failure(model_id: str, exc: Exception) -> tuple[str, ThoxdError]:

@@ -17,7 +17,8 @@ last k - 1 repeating layers, n_layer + 1 (or -1) is all of them; the input embed
 in host memory. A layer's K and V live beside its weights; the step's compute buffer lives on
 the GPU, with one in host memory too (the whole graph while some layers stay there, else the
 logits copied back). Parked tokens stay in host memory. bench/offload_estimate.py checks this
-against what llama.cpp allocates on an RPC device, which it places layers on as on a GPU.
+against what llama.cpp allocates on an RPC device, which it places layers on as on a GPU: for a
+model split over RPC servers that share is `remote`, held on the servers, not here.
 """
 
 from __future__ import annotations
@@ -40,6 +41,7 @@ class MemoryEstimate:
     compute: int
     gpu: int = 0  # of the whole, the bytes in GPU memory
     gpu_layers: int = 0  # the n_gpu_layers it is for
+    remote: int = 0  # of the whole, the bytes on the RPC servers a split model's layers are on
 
     @property
     def total(self) -> int:
@@ -47,7 +49,7 @@ class MemoryEstimate:
 
     @property
     def host(self) -> int:
-        return self.total - self.gpu
+        return self.total - self.gpu - self.remote
 
     def as_dict(self) -> dict[str, Any]:
         return {
@@ -57,14 +59,17 @@ class MemoryEstimate:
             "compute_bytes": self.compute,
             "gpu_bytes": self.gpu,
             "gpu_layers": self.gpu_layers,
+            "remote_bytes": self.remote,
             "estimated": True,
         }
 
     def describe(self) -> str:
-        gpu = f"; {format_bytes(self.gpu)} of it on the GPU" if self.gpu else ""
+        where = f"; {format_bytes(self.gpu)} of it on the GPU" if self.gpu else ""
+        if self.remote:
+            where += f"; {format_bytes(self.remote)} of it on its RPC servers"
         return (
             f"about {format_bytes(self.total)} (weights {format_bytes(self.weights)}, "
-            f"KV cache {format_bytes(self.kv_cache)}, compute {format_bytes(self.compute)}{gpu})"
+            f"KV cache {format_bytes(self.kv_cache)}, compute {format_bytes(self.compute)}{where})"
         )
 
 

@@ -48,6 +48,12 @@ UBATCH = 512
 ALL_LAYERS = 999  # n_gpu_layers past any model's count: every layer offloaded
 
 
+def rpc_layers(spec: ModelSpec) -> int:
+    """The layers a model split over RPC servers puts on them: its n_gpu_layers, or all."""
+    wanted = spec.n_gpu_layers
+    return wanted if isinstance(wanted, int) and wanted != 0 else ALL_LAYERS
+
+
 @dataclass(frozen=True)
 class EngineConfig:
     models_dir: Path
@@ -108,12 +114,9 @@ class LoadedModel:
         self.last_used = time.monotonic()
         self._users = 0
         self._config = config
-        layers = self.memory.gpu_layers
-        if devices:  # split over RPC servers: n_gpu_layers of the layers there, or all
-            wanted = spec.n_gpu_layers
-            layers = wanted if isinstance(wanted, int) and wanted != 0 else ALL_LAYERS
+        layers = rpc_layers(spec) if devices else self.memory.gpu_layers
         self.llama = LlamaModel(path, n_gpu_layers=layers, devices=devices)
-        n_batch, n_ubatch = config.batches(offloaded=self.memory.gpu_layers != 0)
+        n_batch, n_ubatch = config.batches(offloaded=self.memory.gpu > 0)
         try:
             self._ctx = LlamaContext(
                 self.llama,

@@ -172,13 +172,9 @@ class Engine:
         try:
             self._start_backend()
             prepared = await asyncio.to_thread(self._loader.prepare, spec)
-            # A split model's servers answer, or nothing is evicted for it.
-            devices = await asyncio.to_thread(self._loader.rpc_devices, spec)
-            try:
-                victims = self._plan_room(spec, prepared.memory)
-            except InsufficientMemory as exc:
-                self._errors[spec.id] = exc.message
-                raise
+            # A split model's servers answer and have room, or nothing is evicted for it.
+            devices = await asyncio.to_thread(self._loader.rpc_devices, spec, prepared.memory)
+            victims = self._plan_room(spec, prepared.memory)
             if victims:  # what is evicted for a load must not be lost to a file llama.cpp refuses
                 await asyncio.to_thread(probe_model, prepared.path)
                 # Meanwhile a victim may have got a request, or another load taken the room.
@@ -197,6 +193,9 @@ class Engine:
                 prepared.memory,
                 devices,
             )
+        except InsufficientMemory as exc:  # the model's state says why
+            self._errors[spec.id] = exc.message
+            raise
         except ThoxdError:
             raise
         except Exception as exc:  # the file, llama.cpp, an RPC server, a full disk, a bug
