@@ -37,7 +37,7 @@ from typing import Any
 
 import httpx
 
-from thoxd.engine.llama import repacks_safely
+from thoxd.engine.devices import repacks_safely
 
 ROOT = Path(__file__).resolve().parent.parent
 MODEL_FILE = "gemma-3-270m-q4_k_m.gguf"
@@ -49,7 +49,7 @@ WORDS = ("alpha", "bravo", "delta", "echo", "golf", "hotel", "india", "kilo", "l
 
 def no_repack() -> list[str]:
     """llama-server's flag that keeps its weights unrepacked where thoxd keeps them so (a build
-    with AMX kernels, which crash: thoxd/engine/llama.py)."""
+    with AMX kernels, which crash: thoxd/engine/devices.py)."""
     return [] if repacks_safely() else ["--no-repack"]
 
 

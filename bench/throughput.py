@@ -29,7 +29,7 @@ from typing import Any
 import httpx
 import llama_cpp
 
-from thoxd.engine.llama import repacks_safely
+from thoxd.engine.devices import repacks_safely
 
 MODEL_FILE = "gemma-3-270m-q4_k_m.gguf"
 MODEL_ID = "gemma-3-270m"  # by id: llama.cpp runs the same file (thox-coder is SmolLM2)

@@ -15,7 +15,7 @@ import pytest
 from tests.conftest import GEMMA
 from thoxd.app import engine_config
 from thoxd.catalog.entries import ModelSpec
-from thoxd.engine.llama import Device
+from thoxd.engine.devices import Device
 from thoxd.engine.loading import Loader
 from thoxd.engine.model import EngineConfig
 from thoxd.settings import Settings

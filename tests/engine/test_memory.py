@@ -47,7 +47,12 @@ def meta(arch: str = "llama", **fields: object) -> dict[str, object]:
     return {"general.architecture": arch, **out, "tokenizer.ggml.tokens": TOKENS}
 
 
-def info(metadata: dict[str, object] | None = None, *, tensor_bytes: int = 123_456) -> GGUFInfo:
+def info(
+    metadata: dict[str, object] | None = None,
+    *,
+    tensor_bytes: int = 123_456,
+    tensor_sizes: dict[str, int] | None = None,
+) -> GGUFInfo:
     metadata = meta() if metadata is None else metadata
     arch = metadata.get("general.architecture", "llama")
     assert isinstance(arch, str)
@@ -61,9 +66,9 @@ def info(metadata: dict[str, object] | None = None, *, tensor_bytes: int = 123_4
         file_type=None,
         alignment=32,
         data_offset=4096,
-        tensor_bytes=tensor_bytes,
         chat_template=None,
         metadata=metadata,
+        tensor_sizes=tensor_sizes or {"blk.0.ffn_up.weight": tensor_bytes},
     )
 
 
@@ -230,8 +235,7 @@ def sized(*, tied: bool = False) -> GGUFInfo:
         sizes["output.weight"] = OUTPUT
     for i in range(LAYERS):
         sizes |= {f"blk.{i}.attn_q.weight": BLOCK // 3, f"blk.{i}.ffn_up.weight": BLOCK * 2 // 3}
-    gguf = info(tensor_bytes=sum(sizes.values()))
-    return GGUFInfo(**{**gguf.__dict__, "tensor_sizes": sizes})
+    return info(tensor_sizes=sizes)
 
 
 def test_nothing_offloaded_puts_nothing_on_the_gpu() -> None:

@@ -21,7 +21,8 @@ from tests.conftest import GEMMA, free_port
 from tests.engine.helpers import collect
 from thoxd.catalog.entries import Catalog, ModelSpec
 from thoxd.engine import loading
-from thoxd.engine.llama import device_memory, route_llama_logs
+from thoxd.engine.devices import device_memory
+from thoxd.engine.llama import route_llama_logs
 from thoxd.engine.loading import Loader
 from thoxd.engine.model import LoadedModel
 from thoxd.engine.request import Generation

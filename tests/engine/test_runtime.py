@@ -19,7 +19,7 @@ from tests.catalog.test_gguf import BASE_DATA, BASE_TENSORS, STR, base_kvs, buil
 from tests.conftest import GEMMA
 from tests.engine.helpers import collect
 from thoxd.catalog.entries import Catalog, ModelSpec
-from thoxd.engine.llama import Device
+from thoxd.engine.devices import Device
 from thoxd.engine.request import Generation
 from thoxd.engine.runtime import Engine, EngineConfig, LoadedModel
 from thoxd.engine.sampling import SamplingParams

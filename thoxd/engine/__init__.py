@@ -19,8 +19,9 @@
 The inner modules are the engine's own; tests and benchmarks may reach into them.
 """
 
+from thoxd.engine.devices import supports_gpu_offload
 from thoxd.engine.faults import Faults
-from thoxd.engine.llama import supports_gpu_offload, system_info
+from thoxd.engine.llama import system_info
 from thoxd.engine.memory import budget_bytes
 from thoxd.engine.model import EngineConfig, LoadedModel
 from thoxd.engine.request import Delta, Embedding, Failed, Finished, Generation, Timings

@@ -17,8 +17,9 @@ from pathlib import Path
 from thoxd.catalog.entries import ModelSpec
 from thoxd.catalog.files import ModelFileError, ensure_model_file, model_path
 from thoxd.catalog.gguf import GGUFRejected, check_gguf
+from thoxd.engine.devices import device_memory
 from thoxd.engine.embed import EMBED_BATCH
-from thoxd.engine.llama import LlamaLoadError, device_memory
+from thoxd.engine.llama import LlamaLoadError
 from thoxd.engine.memory import MemoryEstimate, Shape, budget_bytes, estimate_memory, fit_layers
 from thoxd.engine.model import EngineConfig, rpc_layers
 from thoxd.engine.rpc import LIBRARY as RPC_LIBRARY

@@ -15,17 +15,11 @@ from pathlib import Path
 from typing import Any
 
 from thoxd.catalog.entries import GpuLayers, ModelSpec
+from thoxd.engine.devices import Device, gpu_devices
 from thoxd.engine.embed import Embedder
 from thoxd.engine.faults import Faults
 from thoxd.engine.grammar import Grammar, GrammarInvalid
-from thoxd.engine.llama import (
-    ContextConfig,
-    Device,
-    LlamaContext,
-    LlamaLoadError,
-    LlamaModel,
-    gpu_devices,
-)
+from thoxd.engine.llama import ContextConfig, LlamaContext, LlamaLoadError, LlamaModel
 from thoxd.engine.memory import MemoryEstimate
 from thoxd.engine.request import Embedding, Finished, Generation
 from thoxd.engine.sampling import GrammarSpec

@@ -1,5 +1,5 @@
-"""thoxd/engine/llama.py's device registry (the ctypes bindings to ggml's) and the buffers
-weights are loaded into, on the real library."""
+"""thoxd/engine/devices.py: ggml's device registry (the ctypes bindings to it) and whether
+weights may be repacked, on the real library."""
 
 from __future__ import annotations
 
@@ -9,15 +9,8 @@ from pathlib import Path
 import pytest
 
 from tests.conftest import GEMMA
-from thoxd.engine.llama import (
-    LlamaModel,
-    devices,
-    gpu_devices,
-    repacks_safely,
-    route_llama_logs,
-    supports_gpu_offload,
-    system_info,
-)
+from thoxd.engine.devices import devices, gpu_devices, repacks_safely, supports_gpu_offload
+from thoxd.engine.llama import LlamaModel, route_llama_logs, system_info
 
 
 def test_the_registry_lists_the_cpu_with_its_memory() -> None:
